@@ -33,6 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="put embeddings, lm_head and the final norm under selection (default: trained)")
     select.add_argument("--json", action="store_true", help="print the plan as JSON")
     select.set_defaults(handler=run_select)
+
+    run = commands.add_parser("run", help="run a pipeline: stages per method, forgetting matrices in MLflow")
+    run.add_argument("pipeline", metavar="PIPELINE.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a key of the pipeline file, e.g. --set train.lr=3e-4 (repeatable)")
+    run.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    run.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    run.set_defaults(handler=run_pipeline)
+
+    report = commands.add_parser("report", help="print the matrices and summary of a pipeline run from MLflow")
+    report.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the latest pipeline run")
+    report.add_argument("--tracking-uri")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(handler=run_report)
     return parser
 
 
@@ -55,6 +70,70 @@ def run_select(args: argparse.Namespace) -> int:
         from hft_ray.display import format_plan
 
         print(format_plan(plan, title=args.model))
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hft_ray.preflight import prepare
+    from hft_ray.spec import load_spec
+    from hft_ray.tracking import Tracker, resolve_tracking_uri
+
+    spec, text = load_spec(args.pipeline, args.set)
+    prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
+
+    from hft_ray.display import format_matrix
+    from hft_ray.pipeline import PipelineFailure, PipelineRun, init_ray
+
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
+    tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
+    init_ray(args.address)
+    try:
+        result = PipelineRun(prepared, text, tracker, echo).run()
+    except PipelineFailure as error:
+        print(f"hft-ray: run failed: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for method, matrix in result.matrices.items():
+        print()
+        print(format_matrix(matrix, f"{method} ({spec.eval.metric}; * = trained in that stage)", result.summaries[method]))
+    print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
+          f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from hft_ray.display import format_matrix
+    from hft_ray.metrics import ForgettingMatrix
+    from hft_ray.tracking import latest_pipeline_run, load_artifact_json, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client = MlflowClient(uri)
+    try:
+        run = latest_pipeline_run(client, args.run_id)
+    except Exception as error:  # mlflow raises its own exception for an unknown id
+        raise UserError(f"RUN_ID: no run {args.run_id!r} in {uri} ({str(error).splitlines()[0]})") from None
+    if run is None:
+        raise UserError(f"no pipeline run in {uri}; run one with: hft-ray run pipelines/quickstart.yaml")
+    methods = sorted(a.path.removeprefix("forgetting/").removesuffix(".json")
+                     for a in client.list_artifacts(run.info.run_id, "forgetting")
+                     if a.path.endswith(".json") and a.path.count(".") == 1)
+    report = {"run_id": run.info.run_id, "status": run.info.status, "methods": {}}
+    for method in methods:
+        matrix = ForgettingMatrix.from_dict(load_artifact_json(client, run.info.run_id, f"forgetting/{method}.json"))
+        metrics = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{method}.")}
+        report["methods"][method] = {"matrix": matrix.to_dict(), "summary": metrics}
+        if not args.json:
+            print(format_matrix(matrix, f"{method}:", metrics), end="\n\n")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"run {run.info.run_id} ({run.info.status}), pipeline {run.data.tags.get('hft.pipeline')}")
     return 0
 
 

@@ -37,3 +37,19 @@ def format_plan(plan: SelectionPlan, title: str = "") -> str:
         lines.append(f"  {name:<22}{fractions['by_matrices'][name]:>11.3f}{fractions['by_params'][name]:>15.3f}")
     lines.append("T = trained, . = frozen, .NN = fraction of entries trained (element masks)")
     return "\n".join(lines)
+
+
+def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = None) -> str:
+    """A forgetting matrix as a table: one row per stage, one column per domain; trained
+    cells marked with *."""
+    width = max(8, *(len(c) + 2 for c in matrix.columns))
+    label_width = max(len(r) for r in matrix.rows) + 2
+    lines = [title] if title else []
+    lines.append(" " * label_width + "".join(f"{c:>{width}}" for c in matrix.columns))
+    for index, (label, row) in enumerate(zip(matrix.rows, matrix.scores)):
+        trained = matrix.stage_domains[index - 1] if index else None
+        cells = "".join(f"{score:>{width - 1}.3f}{'*' if c == trained else ' '}" for c, score in zip(matrix.columns, row))
+        lines.append(f"{label:<{label_width}}{cells}")
+    if summary:
+        lines.append("  ".join(f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}" for k, v in summary.items()))
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Stage checkpoints: safetensors weights + config + tokenizer (loadable with
+`from_pretrained`) + JSON side files (the selection plan, the training log).
+
+A checkpoint is written into a temporary sibling folder and renamed into place, so a folder
+with the final name is always whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import transformers
+
+
+def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> Path:
+    """Save atomically; `files` maps a JSON file name to its content."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_into(staging, model, tokenizer, files)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> None:
+    """Save into an existing (temporary) folder, e.g. one Ray Train then persists."""
+    directory = Path(directory)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    for name, content in (files or {}).items():
+        (directory / name).write_text(json.dumps(content))
+
+
+def load_checkpoint(directory: str | Path):
+    """(model, tokenizer) from a checkpoint folder; weights only from safetensors."""
+    directory = str(directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def read_json(directory: str | Path, name: str):
+    return json.loads((Path(directory) / name).read_text())

@@ -1,0 +1,273 @@
+"""The pipeline DAG (shared/DESIGN.md, "Data flow"):
+
+    base model (+ optional pretrain stage) -> base eval (row 0)
+      -> per method branch, in parallel: stage 1 -> stage 2 -> ... (one TorchTrainer each)
+      -> after each stage: an eval task over every domain, running beside the next stage
+      -> forgetting matrix per branch -> MLflow
+
+The driver is the scheduler: it submits stage and eval tasks as their inputs become ready,
+waits on whichever finishes first, and is the only process writing to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from hft_ray.checkpoints import write_checkpoint
+from hft_ray.data import Example
+from hft_ray.metrics import ForgettingMatrix, summary
+from hft_ray.models import load_model, load_tokenizer
+from hft_ray.preflight import Prepared
+from hft_ray.selection import model_units, plan_units
+from hft_ray.spec import HFTMethod, PipelineSpec
+from hft_ray.stage import StageJob, StageResult, run_stage
+from hft_ray.tracking import Tracker
+
+
+class PipelineFailure(RuntimeError):
+    """A stage or evaluation failed at run time (exit code 1)."""
+
+
+@dataclass
+class PipelineResult:
+    parent_run_id: str
+    output_dir: str
+    matrices: dict[str, ForgettingMatrix]
+    summaries: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict:
+        return {"parent_run_id": self.parent_run_id, "output_dir": self.output_dir,
+                "methods": {m: {"matrix": self.matrices[m].to_dict(), "summary": self.summaries[m]}
+                            for m in self.matrices}}
+
+
+@dataclass
+class Branch:
+    """One method's chain of stages."""
+
+    method: str
+    checkpoint: str
+    done: int = 0                                         # stages finished
+    rows: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    run_ids: dict[int, str] = field(default_factory=dict)  # stage -> MLflow child run
+
+
+@ray.remote(num_cpus=0)  # it only waits on the TorchTrainer, whose workers hold the CPUs
+def _stage_task(job: StageJob, storage: str, run_name: str, workers: int, cpus: float, gpu: bool) -> StageResult:
+    return run_stage(job, storage, run_name, workers, cpus, gpu)
+
+
+@ray.remote(num_cpus=1)
+def _eval_task(checkpoint: str, eval_sets: dict[str, list[Example]], settings: dict) -> dict[str, dict[str, float]]:
+    import torch
+
+    from hft_ray.checkpoints import load_checkpoint
+    from hft_ray.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model, tokenizer = load_checkpoint(checkpoint)
+    return {name: evaluate(model, tokenizer, examples, max_new_tokens=settings["max_new_tokens"],
+                           batch_size=settings["batch_size"])
+            for name, examples in eval_sets.items()}
+
+
+def init_ray(address: str | None) -> None:
+    """Join `address`, or start an embedded Ray sized for this machine."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # address="local" starts a new instance even when a cluster runs on this machine.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 object_store_memory=256 * 1024**2, log_to_driver=True)
+
+
+class PipelineRun:
+    def __init__(self, prepared: Prepared, pipeline_text: str, tracker: Tracker,
+                 echo: Callable[[str], None] = print):
+        self.spec: PipelineSpec = prepared.spec
+        self.domains = prepared.domains
+        self.pipeline_text = pipeline_text
+        self.tracker = tracker
+        self.echo = echo
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.output_dir = Path(self.spec.output.dir).resolve() / f"{self.spec.name}-{stamp}-{os.getpid()}"
+        self.storage = str(self.output_dir / "ray")
+        self.eval_sets = {name: list(d.eval[: self.spec.eval.max_examples]) for name, d in self.domains.items()}
+        self.parent_id: str | None = None
+        self.plans: dict[tuple[str, int], dict] = {}
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _job(self, label: str, checkpoint: str, examples, steps: int, lr: float, seed: int, plan) -> StageJob:
+        t = self.spec.train
+        return StageJob(label=label, init_checkpoint=checkpoint, examples=tuple(examples), steps=steps, lr=lr,
+                        batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
+                        seed=seed, log_every=t.log_every, plan=plan)
+
+    def _submit_stage(self, job: StageJob, run_name: str):
+        t = self.spec.train
+        return _stage_task.remote(job, self.storage, run_name, t.workers, t.cpus_per_worker, t.use_gpu)
+
+    def _submit_eval(self, checkpoint: str):
+        return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
+
+    def _plan(self, method: str, stage: int) -> dict | None:
+        """The stage's selection plan as a dict (None for full fine-tuning); a new draw per stage."""
+        config = self.spec.methods[method]
+        if not isinstance(config, HFTMethod):
+            return None
+        if (method, stage) not in self.plans:
+            self.plans[(method, stage)] = plan_units(
+                self.units, self.model_type, config.granularity, config.ratio, self.spec.seed, stage,
+                config.select_embeddings).to_dict()
+        return self.plans[(method, stage)]
+
+    def _base_checkpoint(self) -> str:
+        """The base model as a checkpoint; pretrained on `pretrain.domains` when asked."""
+        model = load_model(self.spec.model.source, seed=self.spec.seed)
+        self.model_type = model.config.model_type
+        self.units = model_units(model)
+        path = str(write_checkpoint(self.output_dir / "base", model, load_tokenizer(self.spec.model.source)))
+        pretrain = self.spec.pretrain
+        if pretrain is None:
+            return path
+        examples = [e for name in pretrain.domains for e in self.domains[name].train]
+        self.echo(f"[hft-ray] pretrain on {', '.join(pretrain.domains)}: {pretrain.steps} steps")
+        job = self._job("pretrain", path, examples, pretrain.steps, pretrain.lr, self.spec.seed, None)
+        result = self._wait_one(self._submit_stage(job, f"pretrain-{self.output_dir.name}"), "pretrain")
+        self.echo(f"[hft-ray] pretrain done: loss {result.losses[-1]:.4f} in {result.train_s:.0f}s")
+        return result.checkpoint
+
+    def _wait_one(self, ref, what: str):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as error:
+            raise PipelineFailure(f"{what} failed: {_cause(error)}; logs under {self.storage}") from None
+
+    # -- the DAG ----------------------------------------------------------------------------------
+
+    def run(self) -> PipelineResult:
+        spec = self.spec
+        self.parent_id = self.tracker.start_pipeline(spec.name, spec.model_dump(mode="json"), self.pipeline_text,
+                                                     spec.model_dump(mode="json"))
+        open_runs = [self.parent_id]
+        try:
+            result = self._run(open_runs)
+        except BaseException as error:
+            reason = str(error) or type(error).__name__
+            for run_id in open_runs:
+                self.tracker.fail(run_id, reason)
+            raise
+        self.tracker.finish(self.parent_id)
+        return result
+
+    def _run(self, open_runs: list[str]) -> PipelineResult:
+        spec = self.spec
+        total = len(spec.stages)
+        base = self._base_checkpoint()
+        base_row = self._submit_eval(base)
+        branches = {m: Branch(m, base) for m in spec.methods}
+        pending: dict = {base_row: ("base", None, 0)}
+
+        def submit_next(branch: Branch) -> None:
+            index = branch.done + 1
+            stage = spec.stages[index - 1]
+            plan = self._plan(branch.method, index)
+            selection = {"kind": spec.methods[branch.method].kind}
+            if plan:
+                selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
+                selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
+                selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
+            run_id = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain, selection)
+            branch.run_ids[index] = run_id
+            open_runs.append(run_id)
+            label = f"{branch.method} stage {index}/{total} ({stage.domain})"
+            job = self._job(label, branch.checkpoint, self.domains[stage.domain].train, stage.steps,
+                            spec.stage_lr(stage), spec.seed * 1000 + index, plan)
+            self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
+            pending[self._submit_stage(job, f"{branch.method}-stage{index}-{self.output_dir.name}")] = ("stage", branch, index)
+
+        for branch in branches.values():
+            submit_next(branch)
+        base_scores = None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            kind, branch, index = pending.pop(ready[0])
+            what = "base evaluation" if kind == "base" else f"{branch.method} stage {index} {kind}"
+            value = self._wait_one(ready[0], what)
+            if kind == "base":
+                base_scores = value
+                self.echo(f"[hft-ray] base: {self._row_text(value)}")
+            elif kind == "stage":
+                self.tracker.log_training(branch.run_ids[index], value.losses, value.train_s, value.step_s,
+                                          self._plan(branch.method, index))
+                self.echo(f"[hft-ray] {branch.method} stage {index}/{total} done: loss {value.losses[-1]:.4f}, "
+                          f"{value.train_s:.0f}s, {value.step_s * 1000:.0f} ms/step, "
+                          f"{value.trainable / value.total:.0%} of parameters trained")
+                branch.checkpoint, branch.done = value.checkpoint, index
+                pending[self._submit_eval(value.checkpoint)] = ("eval", branch, index)
+                if index < total:
+                    submit_next(branch)
+            else:
+                branch.rows[index] = value
+                metric = spec.eval.metric
+                self.tracker.log_metrics(branch.run_ids[index], {
+                    **{f"eval/{d}": s[metric] for d, s in value.items()},
+                    **{f"eval_all/{d}/{m}": v for d, s in value.items() for m, v in s.items()},
+                })
+                self.tracker.finish(branch.run_ids[index])
+                open_runs.remove(branch.run_ids[index])
+                self.echo(f"[hft-ray] {branch.method} after stage {index}: {self._row_text(value)}")
+        return self._finish(branches, base_scores)
+
+    def _row_text(self, row: dict[str, dict[str, float]]) -> str:
+        metric = self.spec.eval.metric
+        return "  ".join(f"{d}={s[metric]:.2f}" for d, s in row.items())
+
+    def _finish(self, branches: dict[str, Branch], base_scores) -> PipelineResult:
+        from hft_ray.plots import comparison, heatmap
+
+        columns = list(self.spec.domains)
+        stage_domains = [s.domain for s in self.spec.stages]
+        matrices, summaries = {}, {}
+        with tempfile.TemporaryDirectory() as folder:
+            for method, branch in branches.items():
+                rows = [base_scores] + [branch.rows[i] for i in range(1, len(stage_domains) + 1)]
+                for metric in ("exact_match", "token_accuracy"):
+                    matrix = ForgettingMatrix.build(columns, stage_domains,
+                                                    [[row[c][metric] for c in columns] for row in rows])
+                    suffix = "" if metric == self.spec.eval.metric else f".{metric}"
+                    self.tracker.log_json(self.parent_id, matrix.to_dict(), f"forgetting/{method}{suffix}.json")
+                    self.tracker.log_text(self.parent_id, matrix.to_csv(), f"forgetting/{method}{suffix}.csv")
+                    if not suffix:
+                        matrices[method] = matrix
+                png = Path(folder) / f"{method}.png"
+                heatmap(matrices[method], f"{self.spec.name}: {method} ({self.spec.eval.metric})", png)
+                self.tracker.log_file(self.parent_id, png, "forgetting")
+                summaries[method] = summary(matrices[method])
+                self.tracker.log_metrics(self.parent_id, {f"{method}.{k}": v for k, v in summaries[method].items()})
+            png = Path(folder) / "comparison.png"
+            comparison(matrices, png, title=f"{self.spec.name}: methods compared ({self.spec.eval.metric})")
+            self.tracker.log_file(self.parent_id, png, "forgetting")
+        (self.output_dir / "result.json").write_text(json.dumps(
+            {m: {"matrix": matrices[m].to_dict(), "summary": summaries[m]} for m in matrices}, indent=1))
+        return PipelineResult(self.parent_id, str(self.output_dir), matrices, summaries)
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a Ray error chain, in one line."""
+    cause = getattr(error, "cause", None) or error.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause or error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,84 @@
+"""Everything checked before anything starts: the model resolves and has a role map, every
+domain loads, every prompt fits `train.max_length`. All problems are reported together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hft_ray.data import DomainData, encode, load_domain
+from hft_ray.errors import UserError
+from hft_ray.models import load_config, resolve_source
+from hft_ray.roles import Geometry, assign_roles
+from hft_ray.spec import FileSource, PipelineSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: PipelineSpec
+    domains: dict[str, DomainData]
+
+
+def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
+    """Relative data paths are relative to the pipeline file's folder."""
+    domains = {}
+    for name, domain in spec.domains.items():
+        source = domain.source
+        if isinstance(source, FileSource) and not Path(source.path).is_absolute():
+            source = FileSource(path=str((base_dir / source.path).resolve()))
+        domains[name] = domain.model_copy(update={"source": source})
+    return spec.model_copy(update={"domains": domains})
+
+
+def _check_model(spec: PipelineSpec) -> list[str]:
+    try:
+        source = resolve_source(spec.model.source)
+        config = load_config(source)
+    except UserError as error:
+        return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        assign_roles({n: tuple(p.shape) for n, p in model.named_parameters()}, config.model_type,
+                     Geometry.from_config(config))
+    except UserError as error:
+        return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
+    return []
+
+
+def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
+    """Validate what the schema cannot: the model, the data, the lengths."""
+    spec = _resolve_paths(spec, Path(base_dir))
+    problems = _check_model(spec)
+    domains = {}
+    for name, domain in spec.domains.items():
+        try:
+            domains[name] = load_domain(name, _source_arg(domain.source), format=domain.format, seed=spec.seed,
+                                        eval_size=domain.eval_size, train_size=domain.train_size)
+        except UserError as error:
+            problems += error.problems
+    if not problems:
+        problems += _check_lengths(spec, domains)
+    if problems:
+        raise UserError(*problems)
+    return Prepared(spec, domains)
+
+
+def _source_arg(source):
+    return source if isinstance(source, str) else source.model_dump(exclude_none=True)
+
+
+def _check_lengths(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+    from hft_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model.source)
+    problems = []
+    for name, data in domains.items():
+        try:
+            encode(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length, domain=name)
+        except UserError as error:
+            problems += error.problems
+    return problems

@@ -1,0 +1,195 @@
+"""The pipeline file: a validated schema (unknown keys rejected, every problem named at once)
+and `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hft_ray.errors import UserError
+from hft_ray.selection import GRANULARITIES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="builtin:tiny-llama, builtin:smollm2-135m, a model folder, a .gguf file or a cached hub id")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
+
+
+class PretrainSpec(Strict):
+    """Give a built-in model base knowledge before the fine-tuning stages (full training)."""
+
+    domains: list[str] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class FileSource(Strict):
+    path: str
+
+
+class DatasetSource(Strict):
+    dataset: str
+    split: str = "train"
+    config: str | None = None
+
+
+class DomainSpec(Strict):
+    source: str | FileSource | DatasetSource = Field(description="builtin:<kind>, {path: ...} or {dataset: ...}")
+    format: Literal["auto", "prompt_completion", "chat"] = "auto"
+    eval_size: int = Field(200, gt=0, description="held-out examples (knowledge domains evaluate on what they train)")
+    train_size: int | None = Field(None, gt=0)
+
+
+class StageSpec(Strict):
+    domain: str
+    steps: int = Field(gt=0)
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+
+
+class TrainSpec(Strict):
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(1, gt=0, description="Ray Train workers per stage (DDP)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_length: int = Field(64, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    log_every: int = Field(25, gt=0, description="print the loss every N steps")
+
+
+class FFTMethod(Strict):
+    kind: Literal["fft"]
+
+
+class HFTMethod(Strict):
+    kind: Literal["hft"]
+    granularity: Literal[GRANULARITIES] = "category"  # type: ignore[valid-type]
+    ratio: float = Field(0.5, gt=0, lt=1)
+    select_embeddings: bool = False
+
+
+Method = Annotated[FFTMethod | HFTMethod, Field(discriminator="kind")]
+
+
+class EvalSpec(Strict):
+    metric: Literal["exact_match", "token_accuracy"] = "exact_match"
+    max_new_tokens: int = Field(16, gt=0)
+    max_examples: int = Field(200, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class TrackingSpec(Strict):
+    experiment: str | None = Field(None, description="default: the pipeline's name")
+
+
+class OutputSpec(Strict):
+    dir: str = Field("hft_runs", description="checkpoints and Ray Train storage (a shared path on a cluster)")
+
+
+class PipelineSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelSpec
+    pretrain: PretrainSpec | None = None
+    domains: dict[str, DomainSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    train: TrainSpec = TrainSpec()
+    methods: dict[str, Method] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    output: OutputSpec = OutputSpec()
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def stage_lr(self, stage: StageSpec) -> float:
+        return stage.lr or self.train.lr
+
+
+def _cross_problems(data: dict) -> list[str]:
+    """Problems between keys, found on the raw data so they are listed beside schema errors."""
+    problems = []
+    domains = data.get("domains") if isinstance(data.get("domains"), dict) else {}
+    for index, stage in enumerate(data.get("stages") or []):
+        if isinstance(stage, dict) and "domain" in stage and stage["domain"] not in domains:
+            problems.append(f"stages.{index}.domain: {stage['domain']!r} is not a domain; "
+                            f"domains: {', '.join(domains) or '(none)'}")
+    pretrain = data.get("pretrain")
+    if isinstance(pretrain, dict):
+        for index, name in enumerate(pretrain.get("domains") or []):
+            if name not in domains:
+                problems.append(f"pretrain.domains.{index}: {name!r} is not a domain; "
+                                f"domains: {', '.join(domains) or '(none)'}")
+    return problems
+
+
+def _format_error(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "tagged-union")))
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; check its spelling against the pipeline schema (README)"
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def set_override(data: dict, assignment: str) -> None:
+    """Apply `key.path=value` (value parsed as YAML; list items by index: stages.0.steps=5)."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected key.path=value, e.g. --set train.lr=3e-4")
+    path, raw = assignment.split("=", 1)
+    keys = path.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            raise UserError(f"--set {assignment!r}: {key!r} does not name an entry")
+    last = keys[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"--set {assignment!r}: {last!r} does not name an entry")
+
+
+def parse_spec(data: Any, source: str = "pipeline") -> PipelineSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of keys (name, model, domains, stages, methods, ...)")
+    problems = []
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as error:
+        problems = [_format_error(e) for e in error.errors()]
+        spec = None
+    problems += _cross_problems(data)
+    if problems:
+        raise UserError(*problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineSpec, str]:
+    """The validated spec and the file's text (logged to MLflow as run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pipeline file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML: {error}") from None
+    if isinstance(data, dict):
+        for assignment in overrides:
+            set_override(data, assignment)
+    return parse_spec(data, str(path)), text

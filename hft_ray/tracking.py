@@ -1,0 +1,120 @@
+"""MLflow: a parent run per pipeline invocation, a child run per (method, stage).
+
+Only the driver writes (sqlite locks under many writers), through `MlflowClient` with
+explicit run ids, so runs never depend on a thread's "active run". Layout: shared/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(flag: str | None) -> str:
+    """The flag, else MLFLOW_TRACKING_URI, else ./mlflow.db (sqlite)."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(data, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": "0.001"}; lists index their items."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
+    if items is None:
+        return {prefix: str(data)}
+    flat = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=self._artifact_root(experiment))
+
+    def _artifact_root(self, experiment: str) -> str | None:
+        # Keep a local store's artifacts beside its database, not in whatever cwd runs it.
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
+            return (db.parent / "mlartifacts" / experiment).as_uri()
+        return None
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def start_pipeline(self, name: str, params: dict, pipeline_text: str, effective: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"hft.kind": "pipeline", "hft.pipeline": name})
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        self.client.log_text(run_id, pipeline_text, "pipeline.yaml")
+        self.client.log_dict(run_id, effective, "pipeline.effective.json")
+        return run_id
+
+    def start_stage(self, parent_id: str, method: str, stage: int, domain: str, selection: dict) -> str:
+        tags = {"mlflow.parentRunId": parent_id, "hft.kind": "stage", "hft.method": method,
+                "hft.stage": str(stage), "hft.domain": domain}
+        run = self.client.create_run(self.experiment_id, run_name=f"{method}/{stage}:{domain}", tags=tags)
+        self.log_params(run.info.run_id, selection)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=flat[start:start + 100])
+
+    def log_training(self, run_id: str, losses: list[float], train_s: float, step_s: float, plan: dict | None) -> None:
+        metrics = [Metric("train/loss", loss, 0, step) for step, loss in enumerate(losses, start=1)]
+        metrics += [Metric("time/train_s", train_s, 0, 0), Metric("time/step_s", step_s, 0, 0)]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        self.client.log_dict(run_id, plan or {"kind": "fft", "trained": "all"}, "selection.json")
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        if metrics:
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
+
+    def log_file(self, run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_dir)
+
+    def log_json(self, run_id: str, content, artifact_file: str) -> None:
+        self.client.log_dict(run_id, content, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail(self, run_id: str, reason: str) -> None:
+        """End a run FAILED with the reason as a tag (never leave it RUNNING)."""
+        self.client.set_tag(run_id, "hft.error", reason[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def latest_pipeline_run(client: MlflowClient, run_id: str | None = None):
+    """The given run, or the newest pipeline run in any experiment of the store."""
+    if run_id:
+        return client.get_run(run_id)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.`hft.kind` = 'pipeline'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiments else []
+    return runs[0] if runs else None
+
+
+def load_artifact_json(client: MlflowClient, run_id: str, path: str):
+    with tempfile.TemporaryDirectory() as folder:
+        local = client.download_artifacts(run_id, path, folder)
+        return json.loads(Path(local).read_text())
