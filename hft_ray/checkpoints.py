@@ -14,6 +14,9 @@ from pathlib import Path
 
 import transformers
 
+# Per-shard progress bars on every load and save drown the pipeline's own progress lines.
+transformers.utils.logging.disable_progress_bar()
+
 
 def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> Path:
     """Save atomically; `files` maps a JSON file name to its content."""

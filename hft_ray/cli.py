@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hft_ray.errors import UserError
@@ -86,14 +87,19 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from hft_ray.display import format_matrix
     from hft_ray.pipeline import PipelineFailure, PipelineRun, init_ray
 
-    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
-    tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
-    init_ray(args.address)
+    stdout = sys.stdout
+    if args.json:
+        # Ray forwards its workers' output to the driver's stdout: keep stdout for the JSON alone.
+        sys.stdout = sys.stderr
     try:
-        result = PipelineRun(prepared, text, tracker, echo).run()
+        tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
+        init_ray(args.address)
+        result = PipelineRun(prepared, text, tracker, lambda line: print(line, flush=True)).run()
     except PipelineFailure as error:
         print(f"hft-ray: run failed: {error}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = stdout
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -138,6 +144,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -132,7 +132,10 @@ def _cross_problems(data: dict) -> list[str]:
 
 
 def _format_error(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "tagged-union")))
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft"):
+        del loc[2]  # the tag of the method union, not a key the user wrote
+    key = ".".join(str(part) for part in loc)
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key; check its spelling against the pipeline schema (README)"
     given = error.get("input")

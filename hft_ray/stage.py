@@ -7,6 +7,7 @@ checkpoint, apply the stage's selection plan, train, and write one checkpoint.
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -80,7 +81,9 @@ def stage_worker(config: dict) -> None:
         step_times.append(now - last)
         last = now
         if rank == 0 and (step % job.log_every == 0 or step == job.steps):
-            print(f"[hft-ray] {job.label}: step {step}/{job.steps} loss {loss:.4f}", flush=True)
+            # Not print(): Ray Train patches it into a logger that echoes each line twice.
+            sys.stdout.write(f"[hft-ray] {job.label}: step {step}/{job.steps} loss {loss:.4f}\n")
+            sys.stdout.flush()
 
     started = time.perf_counter()
     losses = run_steps(model, optimizer, scheduler, data, job.steps, on_step=on_step)
