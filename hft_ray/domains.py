@@ -1,0 +1,100 @@
+"""Built-in synthetic domains: pure Python, deterministic from a seed, short enough for a
+character-level model with `train.max_length` 64.
+
+- `facts` is knowledge: invented key -> value pairs ("F kqzvb=" -> "wxyz"), learnt by heart in
+  pretraining, so its eval set is its training set.
+- The skill domains are per-character transductions of a fixed-length lowercase word, each
+  behind its own prompt prefix ("U abcde=" -> "ABCDE"). With a fixed length, output character j
+  always sits the same distance after input character j, so a tiny LLaMA learns them from
+  relative positions in a few hundred steps and generalises to unseen words (26^5 of them);
+  reversal and sorting need far more (shared/CALIBRATION.md). Eval words are disjoint from
+  training words.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or eval example: the model reads `prompt` and should write `completion`.
+    (Defined here, the lowest module, and re-exported by hft_ray.data.)"""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class DomainKind:
+    """A generator of examples. `generate(rng, n)` returns n distinct examples (distinct prompts).
+    `is_knowledge`: eval = train (memorisation); otherwise eval is held out from train."""
+
+    name: str
+    description: str
+    generate: Callable[[random.Random, int], list[Example]]
+    is_knowledge: bool = False
+    default_train_size: int = 2000
+
+
+def _words(rng: random.Random, n: int, length: int, alphabet: str = LETTERS) -> list[str]:
+    """n distinct random words of `length` characters, in draw order."""
+    seen: dict[str, None] = {}
+    while len(seen) < n:
+        seen.setdefault("".join(rng.choice(alphabet) for _ in range(length)), None)
+    return list(seen)
+
+
+def _char_map(prefix: str, length: int, mapping: Callable[[str], str]):
+    def generate(rng: random.Random, n: int) -> list[Example]:
+        return [Example(f"{prefix} {w}=", "".join(mapping(c) for c in w)) for w in _words(rng, n, length)]
+    return generate
+
+
+def _facts(rng: random.Random, n: int) -> list[Example]:
+    keys = _words(rng, n, 5)
+    return [Example(f"F {key}=", "".join(rng.choice(LETTERS) for _ in range(4))) for key in keys]
+
+
+def _double(rng: random.Random, n: int) -> list[Example]:
+    return [Example(f"D {w}=", "".join(c + c for c in w)) for w in _words(rng, n, 4)]
+
+
+def _swap(rng: random.Random, n: int) -> list[Example]:
+    return [Example(f"S {w}=", "".join(w[i + 1] + w[i] for i in range(0, len(w), 2))) for w in _words(rng, n, 6)]
+
+
+def _arithmetic(rng: random.Random, n: int) -> list[Example]:
+    seen: dict[tuple[int, int], None] = {}
+    while len(seen) < n:
+        seen.setdefault((rng.randrange(100), rng.randrange(100)), None)
+    return [Example(f"A {a}+{b}=", str(a + b)) for a, b in seen]
+
+
+def _shift(k: int) -> Callable[[str], str]:
+    return lambda c: LETTERS[(LETTERS.index(c) + k) % 26]
+
+
+BUILTIN_DOMAINS: dict[str, DomainKind] = {
+    kind.name: kind
+    for kind in (
+        DomainKind("facts", "invented facts 'F kqzvb=' -> 'wxyz' (knowledge: eval = train)", _facts,
+                   is_knowledge=True, default_train_size=150),
+        # A general ability for pretraining beside facts: the skills below are then nudges of it
+        # (the fine-tuning regime of the paper) rather than circuits built from scratch.
+        DomainKind("copy", "copy a 5-letter word: 'P abcde=' -> 'abcde'", _char_map("P", 5, lambda c: c)),
+        DomainKind("upper", "upper-case a 5-letter word: 'U abcde=' -> 'ABCDE'", _char_map("U", 5, str.upper)),
+        DomainKind("caesar", "shift each letter by 3: 'C abcde=' -> 'defgh'", _char_map("C", 5, _shift(3))),
+        DomainKind("atbash", "mirror the alphabet: 'M abcde=' -> 'zyxwv'", _char_map("M", 5, lambda c: LETTERS[25 - LETTERS.index(c)])),
+        DomainKind("double", "double each letter: 'D abcd=' -> 'aabbccdd'", _double),
+        DomainKind("swap", "swap letter pairs: 'S abcdef=' -> 'badcfe'", _swap),
+        # Carries make addition much harder than a character map; measured in benchmarks/CALIBRATION.md.
+        DomainKind("arithmetic", "2-digit addition: 'A 12+34=' -> '46' (10,000 problems in all)", _arithmetic,
+                   default_train_size=2000),
+    )
+}
