@@ -1,7 +1,7 @@
 """Built-in synthetic domains: pure Python, deterministic from a seed, short enough for a
 character-level model with `train.max_length` 64.
 
-- `facts` is knowledge: invented key -> value pairs ("F kqzvb=" -> "wxyz"), learnt by heart in
+- `facts` is knowledge: invented key -> value pairs ("F kqzv:" -> "wxyz"), learnt by heart in
   pretraining, so its eval set is its training set.
 - The skill domains are per-character transductions of a fixed-length lowercase word, each
   behind its own prompt prefix ("U abcde=" -> "ABCDE"). With a fixed length, output character j
@@ -57,8 +57,11 @@ def _char_map(prefix: str, length: int, mapping: Callable[[str], str]):
 
 
 def _facts(rng: random.Random, n: int) -> list[Example]:
-    keys = _words(rng, n, 5)
-    return [Example(f"F {key}=", "".join(rng.choice(LETTERS) for _ in range(4))) for key in keys]
+    # A 4-letter key and ':' rather than the skills' 5 letters and '=': with the skills' own
+    # format, a skill stage applies its character map to the facts' keys too and wipes every
+    # fact at once (measured: benchmarks/CALIBRATION.md), which no fine-tuning method can help.
+    keys = _words(rng, n, 4)
+    return [Example(f"F {key}:", "".join(rng.choice(LETTERS) for _ in range(4))) for key in keys]
 
 
 def _double(rng: random.Random, n: int) -> list[Example]:
@@ -83,7 +86,7 @@ def _shift(k: int) -> Callable[[str], str]:
 BUILTIN_DOMAINS: dict[str, DomainKind] = {
     kind.name: kind
     for kind in (
-        DomainKind("facts", "invented facts 'F kqzvb=' -> 'wxyz' (knowledge: eval = train)", _facts,
+        DomainKind("facts", "invented facts 'F kqzv:' -> 'wxyz' (knowledge: eval = train)", _facts,
                    is_knowledge=True, default_train_size=150),
         # A general ability for pretraining beside facts: the skills below are then nudges of it
         # (the fine-tuning regime of the paper) rather than circuits built from scratch.
