@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--stages", default="upper,caesar,atbash", help="built-in skill kinds, in order")
     parser.add_argument("--stage-steps", type=int, default=300)
-    parser.add_argument("--stage-lr", type=float, default=5e-4)
+    parser.add_argument("--stage-lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
