@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from hft_ray.data import encode, load_domain  # noqa: E402
+from hft_ray.data import encode, load_domain, mix_balanced  # noqa: E402
 from hft_ray.evaluation import evaluate  # noqa: E402
 from hft_ray.models import char_tokenizer, load_model  # noqa: E402
 from hft_ray.selection import select  # noqa: E402
@@ -108,9 +108,7 @@ def pretrain(args, domains, tokenizer) -> tuple[dict, float]:
     model = load_model(args.model, seed=args.seed)
     # One mix of the pretraining domains, each repeated up to the largest one's size, so that
     # 150 facts are not drowned by 2000 copy examples.
-    kinds = args.pretrain_domains.split(",")
-    largest = max(len(domains[k].train) for k in kinds)
-    mixed = [e for k in kinds for e in (domains[k].train * -(-largest // len(domains[k].train)))[:largest]]
+    mixed = mix_balanced([domains[k].train for k in args.pretrain_domains.split(",")])
     encoded = encode(mixed, tokenizer, args.max_length, domain="pretrain")
     start = time.perf_counter()
     losses = train(model, encoded, steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=args.batch_size,

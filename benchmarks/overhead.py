@@ -22,7 +22,7 @@ import torch
 from hft_ray.evaluation import evaluate
 from hft_ray.models import load_model, load_tokenizer
 from hft_ray.preflight import prepare
-from hft_ray.data import encode
+from hft_ray.data import encode, mix_balanced
 from hft_ray.selection import select
 from hft_ray.spec import HFTMethod, load_spec
 from hft_ray.training import train
@@ -43,7 +43,7 @@ def plain_process(path: str) -> dict:
 
     base = load_model(spec.model.source, seed=spec.seed)
     if spec.pretrain:
-        mixed = [e for n in spec.pretrain.domains for e in prepared.domains[n].train]
+        mixed = mix_balanced([prepared.domains[n].train for n in spec.pretrain.domains])
         train(base, encode(mixed, tokenizer, spec.train.max_length), steps=spec.pretrain.steps, lr=spec.pretrain.lr,
               batch_size=spec.train.batch_size, seed=spec.seed)
     rows = {"base": evaluate_all(base)}

@@ -303,3 +303,10 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int, *, domain: s
         attention_mask[row, :len(ids)] = 1
         labels[row, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def mix_balanced(parts: Sequence[Sequence[Example]]) -> list[Example]:
+    """One training set from several domains, each repeated up to the largest one's size, so
+    a small domain (150 facts) is not drowned by a large one (2,000 skill examples)."""
+    size = max(len(part) for part in parts)
+    return [part[i % len(part)] for part in parts if part for i in range(size)]

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 
 from hft_ray.checkpoints import write_checkpoint
-from hft_ray.data import Example
+from hft_ray.data import Example, mix_balanced
 from hft_ray.metrics import ForgettingMatrix, summary
 from hft_ray.models import load_model, load_tokenizer
 from hft_ray.preflight import Prepared
@@ -141,7 +141,7 @@ class PipelineRun:
         pretrain = self.spec.pretrain
         if pretrain is None:
             return path
-        examples = [e for name in pretrain.domains for e in self.domains[name].train]
+        examples = mix_balanced([self.domains[name].train for name in pretrain.domains])
         self.echo(f"[hft-ray] pretrain on {', '.join(pretrain.domains)}: {pretrain.steps} steps")
         job = self._job("pretrain", path, examples, pretrain.steps, pretrain.lr, self.spec.seed, None)
         result = self._wait_one(self._submit_stage(job, f"pretrain-{self.output_dir.name}"), "pretrain")
