@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     run.set_defaults(handler=run_pipeline)
 
+    tune = commands.add_parser("tune", help="Ray Tune search over the selection (granularity, ratio, ...)")
+    tune.add_argument("space", metavar="SPACE.yaml", help="a search space file, e.g. tune_spaces/selection.yaml")
+    tune.add_argument("--num-samples", type=int, help="repeat the grid N times (default: num_samples of the file)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a key of the space file, e.g. --set set.output.dir=/tmp/runs (repeatable)")
+    tune.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    tune.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    tune.set_defaults(handler=run_tune)
+
     report = commands.add_parser("report", help="print the matrices and summary of a pipeline run from MLflow")
     report.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the latest pipeline run")
     report.add_argument("--tracking-uri")
@@ -108,6 +118,43 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(format_matrix(matrix, f"{method} ({spec.eval.metric}; * = trained in that stage)", result.summaries[method]))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
           f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from hft_ray.preflight import prepare
+    from hft_ray.tracking import Tracker, resolve_tracking_uri
+    from hft_ray.tuning import load_space
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples: {args.num_samples} is not a positive number of samples")
+    loaded = load_space(args.space, args.set)
+    prepared = prepare(loaded.spec, loaded.pipeline_path.parent)  # every input problem, before anything starts
+
+    from hft_ray.pipeline import init_ray
+    from hft_ray.tuning import run_search
+
+    stdout = sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr  # Ray forwards workers' output to stdout: keep it for the JSON alone
+    try:
+        tracker = Tracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
+        init_ray(args.address)
+        result = run_search(loaded, prepared, tracker, args.num_samples, lambda line: print(line, flush=True))
+    except Exception as error:
+        print(f"hft-ray: tune failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = stdout
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    if result.best is None:
+        print(f"no trial finished every stage; see MLflow parent run {result.parent_run_id}")
+        return 1
+    print(f"\nbest: {json.dumps({k: v for k, v in result.best.items() if v != '' and k != 'run_id'})}")
+    print(f"best pipeline file: {result.best_pipeline}  (hft-ray run {result.best_pipeline})")
+    print(f"MLflow parent run {result.parent_run_id} in experiment {loaded.spec.experiment!r} ({tracker.tracking_uri})")
     return 0
 
 
