@@ -86,9 +86,11 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # address="local" starts a new instance even when a cluster runs on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 object_store_memory=256 * 1024**2, log_to_driver=True)
+        # address="local" starts a new instance even when a cluster runs on this machine. The
+        # dashboard (on 127.0.0.1) stays: Ray Train's placement-group cleaner asks its state API
+        # and warns every few seconds without it.
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 class PipelineRun:
