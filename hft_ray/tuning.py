@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hft_ray.errors import UserError
 from hft_ray.metrics import ForgettingMatrix, summary
@@ -41,53 +42,73 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Choice(Strict):
-    """Sampled: each trial draws one of the values."""
-    choice: list[Any] = Field(min_length=1)
+class Sampler(Strict):
+    """A sampled key: each trial draws from {choice: [...]}, {uniform: [lo, hi]} or
+    {loguniform: [lo, hi]} (exactly one of them)."""
 
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
 
-class Uniform(Strict):
-    uniform: tuple[float, float]
+    @model_validator(mode="after")
+    def _one_and_ordered(self):
+        given = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not 0 < bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: {list(bounds)!r}; need 0 < low < high")
+        return self
 
-
-class LogUniform(Strict):
-    loguniform: tuple[float, float]
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None)
 
 
 Granularity = Literal[GRANULARITIES]  # type: ignore[valid-type]
 
+# Which samplers each key takes (a list, i.e. a grid, is always allowed).
+_SAMPLERS = {"granularity": ("choice",), "ratio": ("choice", "uniform"), "lr": ("choice", "loguniform"),
+             "seed": ("choice",), "select_embeddings": ("choice",)}
+
 
 class Space(Strict):
-    """A list is a grid (every value, in every combination); {choice: [...]} is sampled."""
+    """A list is a grid (every value, in every combination); a Sampler is drawn per trial."""
 
-    granularity: list[Granularity] | Choice = Field(["category"], description="grid list or {choice: [...]}")
-    ratio: list[Annotated[float, Field(gt=0, lt=1)]] | Choice | Uniform = Field([0.5])
-    lr: list[Annotated[float, Field(gt=0)]] | LogUniform | None = Field(None, description="default: the pipeline's")
-    seed: list[int] | Choice | None = Field(None, description="selection seed; default: the pipeline's seed")
-    select_embeddings: list[bool] | None = None
+    granularity: list[Granularity] | Sampler = Field(["category"], description="grid list or {choice: [...]}")
+    ratio: list[Annotated[float, Field(gt=0, lt=1)]] | Sampler = Field([0.5], description="grid, choice or uniform")
+    lr: list[Annotated[float, Field(gt=0)]] | Sampler | None = Field(None, description="default: the pipeline's")
+    seed: list[int] | Sampler | None = Field(None, description="selection seed; default: the pipeline's seed")
+    select_embeddings: list[bool] | Sampler | None = None
 
-    @model_validator(mode="after")
-    def _check_values(self):
-        problems = []
-        if isinstance(self.granularity, Choice):
-            bad = [g for g in self.granularity.choice if g not in GRANULARITIES]
-            if bad:
-                problems.append(f"space.granularity.choice: {bad!r} not granularities; use {', '.join(GRANULARITIES)}")
-        if isinstance(self.ratio, Choice):
-            bad = [r for r in self.ratio.choice if not isinstance(r, (int, float)) or not 0 < r < 1]
-            if bad:
-                problems.append(f"space.ratio.choice: {bad!r} outside (0, 1)")
-        if isinstance(self.ratio, Uniform):
-            low, high = self.ratio.uniform
-            if not 0 < low < high < 1:
-                problems.append(f"space.ratio.uniform: {[low, high]!r}; need 0 < low < high < 1")
-        if isinstance(self.lr, LogUniform):
-            low, high = self.lr.loguniform
-            if not 0 < low < high:
-                problems.append(f"space.lr.loguniform: {[low, high]!r}; need 0 < low < high")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalar_is_one_value(cls, value):
+        return value if isinstance(value, (list, dict)) or value is None else [value]
+
+    @field_validator("*")
+    @classmethod
+    def _sampler_fits(cls, value, info):
+        if not isinstance(value, Sampler):
+            return value
+        allowed = _SAMPLERS[info.field_name]
+        if value.kind not in allowed:
+            raise ValueError(f"{value.kind}: not for {info.field_name}; use a list (grid) or "
+                             f"{' or '.join(allowed)}")
+        if value.choice is not None:
+            bad = {"granularity": lambda v: v not in GRANULARITIES,
+                   "ratio": lambda v: not isinstance(v, (int, float)) or not 0 < v < 1,
+                   "lr": lambda v: not isinstance(v, (int, float)) or v <= 0,
+                   "seed": lambda v: not isinstance(v, int) or isinstance(v, bool),
+                   "select_embeddings": lambda v: not isinstance(v, bool)}[info.field_name]
+            wrong = [v for v in value.choice if bad(v)]
+            if wrong:
+                valid = {"granularity": ", ".join(GRANULARITIES), "ratio": "numbers in (0, 1)", "lr": "numbers > 0",
+                         "seed": "integers", "select_embeddings": "true or false"}[info.field_name]
+                raise ValueError(f"choice: {wrong!r} not valid; use {valid}")
+        if value.uniform is not None and not value.uniform[1] < 1:
+            raise ValueError(f"uniform: {list(value.uniform)!r}; a ratio needs 0 < low < high < 1")
+        return value
 
 
 class Objective(Strict):
@@ -130,15 +151,34 @@ class LoadedSpace:
 
 
 def _format_error(error: dict) -> str:
-    loc = [str(p) for p in error["loc"] if p not in ("fifo", "asha", "list[...]", "Choice", "Uniform", "LogUniform")]
+    # Union members show up in `loc` by type name (list[...], Choice, ...): not keys the user wrote.
+    loc = [str(p) for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    if loc[:1] == ["scheduler"] and loc[1:2] in (["fifo"], ["asha"]):
+        del loc[1]  # the tag of the scheduler union
     key = ".".join(loc) or "(top)"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key; valid keys: pipeline, set, space (granularity, ratio, lr, seed, " \
                f"select_embeddings), objective (metric, bwt_weight, mode), num_samples, max_concurrent, " \
                f"scheduler (kind, grace_period, reduction_factor)"
+    if error["type"] == "value_error":
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # "choice: [...] not valid" from a sampler's check names its own sub-key.
+        return f"{key}.{message}" if re.match(r"^\w+: ", message) else f"{key}: {message}"
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
     return f"{key}: {error['msg']}{shown}"
+
+
+def _is_union_noise(error: dict) -> bool:
+    """A union reports every member's failure; keep those of the member the user wrote
+    (a list where a list was written, a mapping where a mapping was)."""
+    member = next((p for p in error["loc"] if isinstance(p, str) and ("[" in p or p[:1].isupper())), None)
+    if member is None:
+        return False
+    written = error.get("input")
+    if error["type"] in ("model_type", "dict_type", "model_attributes_type") and isinstance(written, list):
+        return True
+    return error["type"] == "list_type" and isinstance(written, dict)
 
 
 def _flatten_set(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,13 +200,14 @@ def parse_space(data: Any, source: str) -> TuneSpace:
         return TuneSpace.model_validate(data)
     except ValidationError as error:
         problems = []
-        for e in error.errors():
+        errors = error.errors()
+        for e in errors:
             if e["type"] == "union_tag_invalid":
                 problems.append(f"scheduler.kind: {e['input'].get('kind')!r} is not a scheduler; use fifo or asha")
-            elif e["type"] == "value_error":
-                problems.append(str(e["msg"]).removeprefix("Value error, "))
-            else:
+            elif not _is_union_noise(e):
                 problems.append(_format_error(e))
+        if not problems:
+            problems = [_format_error(e) for e in errors]
         # A union reports one error per member; keep each message once.
         raise UserError(*dict.fromkeys(problems)) from None
 
@@ -227,12 +268,9 @@ def param_space(space: Space) -> dict:
     def convert(value):
         if isinstance(value, list):
             return tune.grid_search(value)
-        if isinstance(value, Choice):
-            return tune.choice(value.choice)
-        if isinstance(value, Uniform):
-            return tune.uniform(*value.uniform)
-        if isinstance(value, LogUniform):
-            return tune.loguniform(*value.loguniform)
+        if isinstance(value, Sampler):
+            return {"choice": lambda: tune.choice(value.choice), "uniform": lambda: tune.uniform(*value.uniform),
+                    "loguniform": lambda: tune.loguniform(*value.loguniform)}[value.kind]()
         return value
 
     return {key: convert(getattr(space, key)) for key in Space.model_fields if getattr(space, key) is not None}
