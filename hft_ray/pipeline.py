@@ -116,9 +116,10 @@ class PipelineRun:
                         batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
                         seed=seed, log_every=t.log_every, plan=plan)
 
-    def _submit_stage(self, job: StageJob, run_name: str):
+    def _submit_stage(self, job: StageJob, run_name: str, cpus_per_worker: float | None = None):
         t = self.spec.train
-        return _stage_task.remote(job, self.storage, run_name, t.workers, t.cpus_per_worker, t.use_gpu)
+        cpus = cpus_per_worker or t.cpus_per_worker
+        return _stage_task.remote(job, self.storage, run_name, t.workers, cpus, t.use_gpu)
 
     def _submit_eval(self, checkpoint: str):
         return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
@@ -146,7 +147,10 @@ class PipelineRun:
         examples = mix_balanced([self.domains[name].train for name in pretrain.domains])
         self.echo(f"[hft-ray] pretrain on {', '.join(pretrain.domains)}: {pretrain.steps} steps")
         job = self._job("pretrain", path, examples, pretrain.steps, pretrain.lr, self.spec.seed, None)
-        result = self._wait_one(self._submit_stage(job, f"pretrain-{self.output_dir.name}"), "pretrain")
+        # Pretraining runs alone: give its workers this node's CPUs rather than one each.
+        cpus = max(self.spec.train.cpus_per_worker,
+                   min(ray.available_resources().get("CPU", 1), os.cpu_count() or 1) // self.spec.train.workers)
+        result = self._wait_one(self._submit_stage(job, f"pretrain-{self.output_dir.name}", cpus), "pretrain")
         self.echo(f"[hft-ray] pretrain done: loss {result.losses[-1]:.4f} in {result.train_s:.0f}s")
         return result.checkpoint
 

@@ -58,6 +58,9 @@ def stage_worker(config: dict) -> None:
     context = ray.train.get_context()  # Ray
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(job.seed)
+    # One intra-op thread per CPU this worker holds (at least one): a 1-CPU worker spinning two
+    # OpenMP threads beside another worker slows both down.
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     model, tokenizer = load_checkpoint(job.init_checkpoint)
     # Freeze before prepare_model: DDP fixes the parameters it synchronises when it wraps.
     applied = apply_plan(model, SelectionPlan.from_dict(job.plan)) if job.plan else None
@@ -107,7 +110,7 @@ def run_stage(job: StageJob, storage_path: str, run_name: str, workers: int, cpu
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         stage_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "cpus_per_worker": cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve())),
     )
