@@ -18,6 +18,13 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a ratio in (0, 1) such as 0.5") from None
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Where to run and where to record: shared by `run` and `tune`."""
+    parser.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hft-ray", description="Half Fine-Tuning of LLMs with Ray and MLflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", metavar="PIPELINE.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a key of the pipeline file, e.g. --set train.lr=3e-4 (repeatable)")
-    run.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    run.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    _add_run_options(run)
     run.set_defaults(handler=run_pipeline)
 
     tune = commands.add_parser("tune", help="Ray Tune search over the selection (granularity, ratio, ...)")
@@ -49,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--num-samples", type=int, help="repeat the grid N times (default: num_samples of the file)")
     tune.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                       help="override a key of the space file, e.g. --set set.output.dir=/tmp/runs (repeatable)")
-    tune.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
-    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    tune.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    _add_run_options(tune)
     tune.set_defaults(handler=run_tune)
 
     report = commands.add_parser("report", help="print the matrices and summary of a pipeline run from MLflow")
