@@ -85,7 +85,8 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(
         {"pipeline": args.pipeline, "cpus": os.cpu_count(), "threads": args.threads, "plain_s": plain["wall_s"],
-         "pipeline_s": ray_run["wall_s"], "ratio": ratio, "plain_rows": plain["rows"]}, indent=1))
+         "pipeline_s": ray_run["wall_s"], "ratio": ratio, "plain_rows": plain["rows"],
+         "pipeline_result": ray_run["result"]}, indent=1))
 
 
 if __name__ == "__main__":
