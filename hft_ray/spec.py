@@ -182,11 +182,11 @@ def parse_spec(data: Any, source: str = "pipeline") -> PipelineSpec:
     return spec
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineSpec, str]:
-    """The validated spec and the file's text (logged to MLflow as run)."""
+def read_yaml(path: str | Path, what: str, overrides: list[str] = ()) -> tuple[object, str]:
+    """A YAML file's data, with `key.path=value` overrides applied, and its text."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"pipeline file {str(path)!r} does not exist")
+        raise UserError(f"{what} file {str(path)!r} does not exist")
     text = path.read_text()
     try:
         data = yaml.safe_load(text)
@@ -195,4 +195,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineSpec
     if isinstance(data, dict):
         for assignment in overrides:
             set_override(data, assignment)
+    return data, text
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineSpec, str]:
+    """The validated spec and the file's text (logged to MLflow as run)."""
+    data, text = read_yaml(path, "pipeline", overrides)
     return parse_spec(data, str(path)), text

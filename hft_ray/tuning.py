@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hft_ray.errors import UserError
 from hft_ray.metrics import ForgettingMatrix, summary
 from hft_ray.selection import GRANULARITIES
-from hft_ray.spec import FileSource, PipelineSpec, parse_spec, set_override
+from hft_ray.spec import FileSource, PipelineSpec, parse_spec, read_yaml, set_override
 
 TRIAL_CPUS = 0.01
 OBJECTIVE_METRICS = ("OP", "BWT", "forgetting", "heldout_delta", "OP+BWT")
@@ -215,16 +215,7 @@ def parse_space(data: Any, source: str) -> TuneSpace:
 def load_space(path: str | Path, overrides: list[str] = ()) -> LoadedSpace:
     """The validated space and its pipeline (with `set:` applied); every problem named at once."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"space file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: not valid YAML: {error}") from None
-    if isinstance(data, dict):
-        for assignment in overrides:
-            set_override(data, assignment)
+    data, text = read_yaml(path, "space", overrides)
     space = parse_space(data, str(path))
     pipeline_path = (path.parent / space.pipeline).resolve()
     if not pipeline_path.is_file():
