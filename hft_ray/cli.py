@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,12 @@ def _ratio(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a ratio in (0, 1) such as 0.5") from None
+
+
+def _progress_to_stderr(json_output: bool):
+    """With --json, Ray's forwarded worker output and our progress go to stderr, so stdout
+    holds the JSON alone."""
+    return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -100,19 +107,14 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from hft_ray.display import format_matrix
     from hft_ray.pipeline import PipelineFailure, PipelineRun, init_ray
 
-    stdout = sys.stdout
-    if args.json:
-        # Ray forwards its workers' output to the driver's stdout: keep stdout for the JSON alone.
-        sys.stdout = sys.stderr
     try:
-        tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
-        init_ray(args.address)
-        result = PipelineRun(prepared, text, tracker, lambda line: print(line, flush=True)).run()
+        with _progress_to_stderr(args.json):
+            tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
+            init_ray(args.address)
+            result = PipelineRun(prepared, text, tracker, lambda line: print(line, flush=True)).run()
     except PipelineFailure as error:
         print(f"hft-ray: run failed: {error}", file=sys.stderr)
         return 1
-    finally:
-        sys.stdout = stdout
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -137,18 +139,14 @@ def run_tune(args: argparse.Namespace) -> int:
     from hft_ray.pipeline import init_ray
     from hft_ray.tuning import run_search
 
-    stdout = sys.stdout
-    if args.json:
-        sys.stdout = sys.stderr  # Ray forwards workers' output to stdout: keep it for the JSON alone
     try:
-        tracker = Tracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
-        init_ray(args.address)
-        result = run_search(loaded, prepared, tracker, args.num_samples, lambda line: print(line, flush=True))
+        with _progress_to_stderr(args.json):
+            tracker = Tracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
+            init_ray(args.address)
+            result = run_search(loaded, prepared, tracker, args.num_samples, lambda line: print(line, flush=True))
     except Exception as error:
         print(f"hft-ray: tune failed: {error}", file=sys.stderr)
         return 1
-    finally:
-        sys.stdout = stdout
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
