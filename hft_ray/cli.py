@@ -29,7 +29,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Where to run and where to record: shared by `run` and `tune`."""
     parser.add_argument("--address", help="Ray cluster address (default: an embedded Ray on this machine)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--storage-path", metavar="PATH",
+                        help="where checkpoints go (sets output.dir); on a cluster, a path every node reaches")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+
+
+def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """--storage-path as the --set it stands for."""
+    if args.storage_path is None:
+        return []
+    return [f"{prefix}output.dir={json.dumps(args.storage_path)}"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a key of the space file, e.g. --set set.output.dir=/tmp/runs (repeatable)")
     _add_run_options(tune)
     tune.set_defaults(handler=run_tune)
+
+    submit = commands.add_parser("submit", help="run a pipeline or a tune space on a Ray cluster (a Ray Job)")
+    submit.add_argument("file", metavar="PIPELINE.yaml|SPACE.yaml")
+    submit.add_argument("--address", required=True,
+                        help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (the Ray token is sent if one is "
+                             "set: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    submit.add_argument("--wait", action="store_true", help="stream the job's logs; exit with the job's exit code")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a key of the file (repeatable)")
+    submit.add_argument("--tracking-uri", help="MLflow store the job writes to; on a multi-node cluster an http "
+                                               "server (default: $MLFLOW_TRACKING_URI or ./mlflow.db, made absolute)")
+    submit.add_argument("--storage-path", metavar="PATH",
+                        help="checkpoints on the cluster (default: output.dir, made absolute on this machine)")
+    submit.add_argument("--num-samples", type=int, help="for a tune space: repeat the grid N times")
+    submit.set_defaults(handler=run_submit)
+
+    ui = commands.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
+    ui.add_argument("--tracking-uri", help="the store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000, help="default: 5000")
+    ui.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: 127.0.0.1, this machine only)")
+    ui.set_defaults(handler=run_ui)
 
     report = commands.add_parser("report", help="print the matrices and summary of a pipeline run from MLflow")
     report.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the latest pipeline run")
@@ -101,7 +131,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from hft_ray.spec import load_spec
     from hft_ray.tracking import Tracker, resolve_tracking_uri
 
-    spec, text = load_spec(args.pipeline, args.set)
+    spec, text = load_spec(args.pipeline, args.set + _storage_override(args))
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
 
     from hft_ray.display import format_matrix
@@ -133,7 +163,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples: {args.num_samples} is not a positive number of samples")
-    loaded = load_space(args.space, args.set)
+    loaded = load_space(args.space, args.set + _storage_override(args, "set."))
     prepared = prepare(loaded.spec, loaded.pipeline_path.parent)  # every input problem, before anything starts
 
     from hft_ray.pipeline import init_ray
@@ -157,6 +187,29 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"best pipeline file: {result.best_pipeline}  (hft-ray run {result.best_pipeline})")
     print(f"MLflow parent run {result.parent_run_id} in experiment {loaded.spec.experiment!r} ({tracker.tracking_uri})")
     return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from hft_ray.spec import read_yaml
+    from hft_ray.submit import submit
+    from hft_ray.tracking import resolve_tracking_uri
+
+    data, _ = read_yaml(args.file, "pipeline or space")
+    kind = "tune" if isinstance(data, dict) and "space" in data and "pipeline" in data else "run"
+    if args.num_samples is not None and (kind != "tune" or args.num_samples < 1):
+        raise UserError(f"--num-samples {args.num_samples}: takes a positive number, for a tune space only")
+    extra = ["--num-samples", str(args.num_samples)] if args.num_samples else []
+    return submit(kind, args.file, args.address, overrides=args.set, tracking_uri=resolve_tracking_uri(args.tracking_uri),
+                  storage_path=args.storage_path, extra_args=extra, wait=args.wait)
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from hft_ray.tracking import resolve_tracking_uri
+    from hft_ray.ui import serve
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: give a port in 1..65535")
+    return serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port)
 
 
 def run_report(args: argparse.Namespace) -> int:

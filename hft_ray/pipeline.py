@@ -80,9 +80,11 @@ def _eval_task(checkpoint: str, eval_sets: dict[str, list[Example]], settings: d
 
 
 def init_ray(address: str | None) -> None:
-    """Join `address`, or start an embedded Ray sized for this machine."""
+    """Join `address` (or $RAY_ADDRESS, set inside a Ray Job), or start an embedded Ray sized
+    for this machine."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -167,6 +169,8 @@ class PipelineRun:
         self.parent_id = self.tracker.start_pipeline(spec.name, spec.model_dump(mode="json"), self.pipeline_text,
                                                      spec.model_dump(mode="json"))
         open_runs = [self.parent_id]
+        self.echo(f"[hft-ray] MLflow parent run {self.parent_id} in experiment {spec.experiment!r} "
+                  f"({self.tracker.tracking_uri})")
         try:
             result = self._run(open_runs)
         except BaseException as error:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hft_ray.errors import UserError
 from hft_ray.selection import GRANULARITIES
@@ -92,6 +92,14 @@ class TrackingSpec(Strict):
 class OutputSpec(Strict):
     dir: str = Field("hft_runs", description="checkpoints and Ray Train storage (a shared path on a cluster)")
 
+    @field_validator("dir")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError("storage URIs (s3://, gs://, ...) are not supported yet; give a folder every node "
+                             "reaches, such as an NFS mount")
+        return value
+
 
 class PipelineSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -140,7 +148,7 @@ def _format_error(error: dict) -> str:
         return f"{key}: unknown key; check its spelling against the pipeline schema (README)"
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
-    return f"{key}: {error['msg']}{shown}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def set_override(data: dict, assignment: str) -> None:

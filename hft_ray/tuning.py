@@ -447,6 +447,7 @@ def run_search(loaded: LoadedSpace, prepared, tracker, num_samples: int | None =
     space, spec = loaded.space, prepared.spec
     parent_id = tracker.client.create_run(tracker.experiment_id, run_name=f"tune {loaded.pipeline_path.stem}",
                                           tags={"hft.kind": "tune", "hft.pipeline": spec.name}).info.run_id
+    echo(f"[hft-ray] MLflow parent run {parent_id} in experiment {spec.experiment!r} ({tracker.tracking_uri})")
     try:
         tracker.log_params(parent_id, {"space": space.model_dump(mode="json", exclude={"set"}),
                                        "pipeline": str(loaded.pipeline_path),
