@@ -54,3 +54,28 @@ def load_checkpoint(directory: str | Path):
 
 def read_json(directory: str | Path, name: str):
     return json.loads((Path(directory) / name).read_text())
+
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
+
+
+def save_optimizer(directory: str | Path, optimizer) -> None:
+    """An optimizer's state as safetensors (tensors) + JSON (param groups): no pickle."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().contiguous().cpu()
+               for index, entry in state["state"].items() for name, value in entry.items()}
+    save_file(tensors, str(Path(directory) / OPTIMIZER_TENSORS))
+    (Path(directory) / OPTIMIZER_GROUPS).write_text(json.dumps(state["param_groups"]))
+
+
+def load_optimizer(directory: str | Path, optimizer) -> None:
+    from safetensors.torch import load_file
+
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(Path(directory) / OPTIMIZER_TENSORS)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": read_json(directory, OPTIMIZER_GROUPS)})

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", metavar="PIPELINE.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a key of the pipeline file, e.g. --set train.lr=3e-4 (repeatable)")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                     help="continue the newest unfinished run of this pipeline (or RUN_ID) after its driver died: "
+                          "finished stages are skipped, their MLflow runs reused")
     _add_run_options(run)
     run.set_defaults(handler=run_pipeline)
 
@@ -135,13 +138,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
 
     from hft_ray.display import format_matrix
-    from hft_ray.pipeline import PipelineFailure, PipelineRun, init_ray
+    from hft_ray.pipeline import PipelineFailure, PipelineRun, init_ray, resumable
 
     try:
         with _progress_to_stderr(args.json):
             tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
+            resume = resumable(tracker, prepared.spec, None if args.resume == "latest" else args.resume) \
+                if args.resume else None
             init_ray(args.address)
-            result = PipelineRun(prepared, text, tracker, lambda line: print(line, flush=True)).run()
+            result = PipelineRun(prepared, text, tracker, lambda line: print(line, flush=True), resume).run()
     except PipelineFailure as error:
         print(f"hft-ray: run failed: {error}", file=sys.stderr)
         return 1

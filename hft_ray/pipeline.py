@@ -24,7 +24,10 @@ import ray
 from hft_ray.checkpoints import write_checkpoint
 from hft_ray.data import Example, mix_balanced
 from hft_ray.metrics import ForgettingMatrix, summary
-from hft_ray.models import load_model, load_tokenizer
+from hft_ray.errors import UserError
+from hft_ray.manifest import FILE as MANIFEST_FILE
+from hft_ray.manifest import Manifest, spec_digest
+from hft_ray.models import load_model, load_tokenizer, meta_model
 from hft_ray.preflight import Prepared
 from hft_ray.selection import model_units, plan_units
 from hft_ray.spec import HFTMethod, PipelineSpec
@@ -61,8 +64,9 @@ class Branch:
 
 
 @ray.remote(num_cpus=0)  # it only waits on the TorchTrainer, whose workers hold the CPUs
-def _stage_task(job: StageJob, storage: str, run_name: str, workers: int, cpus: float, gpu: bool) -> StageResult:
-    return run_stage(job, storage, run_name, workers, cpus, gpu)
+def _stage_task(job: StageJob, storage: str, run_name: str, workers: int, cpus: float, gpu: bool,
+                max_failures: int) -> StageResult:
+    return run_stage(job, storage, run_name, workers, cpus, gpu, max_failures)
 
 
 @ray.remote(num_cpus=1)
@@ -97,14 +101,22 @@ def init_ray(address: str | None) -> None:
 
 class PipelineRun:
     def __init__(self, prepared: Prepared, pipeline_text: str, tracker: Tracker,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, resume: Manifest | None = None):
+        """A new run, or with `resume` the continuation of a run whose driver died."""
         self.spec: PipelineSpec = prepared.spec
         self.domains = prepared.domains
         self.pipeline_text = pipeline_text
         self.tracker = tracker
         self.echo = echo
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.output_dir = Path(self.spec.output.dir).resolve() / f"{self.spec.name}-{stamp}-{os.getpid()}"
+        if resume is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            folder = Path(self.spec.output.dir).resolve() / f"{self.spec.name}-{stamp}-{os.getpid()}"
+            resume = Manifest(folder, spec_digest(self.spec.model_dump(mode="json")))
+        else:
+            resume.attempt += 1
+            resume.take_over()
+        self.manifest = resume
+        self.output_dir = resume.folder
         self.storage = str(self.output_dir / "ray")
         self.eval_sets = {name: list(d.eval[: self.spec.eval.max_examples]) for name, d in self.domains.items()}
         self.parent_id: str | None = None
@@ -116,12 +128,12 @@ class PipelineRun:
         t = self.spec.train
         return StageJob(label=label, init_checkpoint=checkpoint, examples=tuple(examples), steps=steps, lr=lr,
                         batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
-                        seed=seed, log_every=t.log_every, plan=plan)
+                        seed=seed, log_every=t.log_every, plan=plan, checkpoint_every=t.checkpoint_every)
 
     def _submit_stage(self, job: StageJob, run_name: str, cpus_per_worker: float | None = None):
         t = self.spec.train
         cpus = cpus_per_worker or t.cpus_per_worker
-        return _stage_task.remote(job, self.storage, run_name, t.workers, cpus, t.use_gpu)
+        return _stage_task.remote(job, self.storage, run_name, t.workers, cpus, t.use_gpu, t.max_failures)
 
     def _submit_eval(self, checkpoint: str):
         return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
@@ -137,11 +149,18 @@ class PipelineRun:
                 config.select_embeddings).to_dict()
         return self.plans[(method, stage)]
 
+    def _ray_name(self, what: str) -> str:
+        """A unique Ray Train run name (reusing one resumes that old run), new per attempt."""
+        return f"{what}-{self.output_dir.name}" + (f"-r{self.manifest.attempt}" if self.manifest.attempt else "")
+
     def _base_checkpoint(self) -> str:
         """The base model as a checkpoint; pretrained on `pretrain.domains` when asked."""
+        structure = meta_model(self.spec.model.source)
+        self.model_type = structure.config.model_type
+        self.units = model_units(structure)
+        if self.manifest.base.get("checkpoint"):
+            return self.manifest.base["checkpoint"]
         model = load_model(self.spec.model.source, seed=self.spec.seed)
-        self.model_type = model.config.model_type
-        self.units = model_units(model)
         path = str(write_checkpoint(self.output_dir / "base", model, load_tokenizer(self.spec.model.source)))
         pretrain = self.spec.pretrain
         if pretrain is None:
@@ -152,9 +171,14 @@ class PipelineRun:
         # Pretraining runs alone: give its workers this node's CPUs rather than one each.
         cpus = max(self.spec.train.cpus_per_worker,
                    min(ray.available_resources().get("CPU", 1), os.cpu_count() or 1) // self.spec.train.workers)
-        result = self._wait_one(self._submit_stage(job, f"pretrain-{self.output_dir.name}", cpus), "pretrain")
+        result = self._wait_one(self._submit_stage(job, self._ray_name("pretrain"), cpus), "pretrain")
         self.echo(f"[hft-ray] pretrain done: loss {result.losses[-1]:.4f} in {result.train_s:.0f}s")
         return result.checkpoint
+
+    def _record_base(self, checkpoint: str) -> str:
+        self.manifest.base["checkpoint"] = checkpoint
+        self.manifest.save()
+        return checkpoint
 
     def _wait_one(self, ref, what: str):
         try:
@@ -166,8 +190,14 @@ class PipelineRun:
 
     def run(self) -> PipelineResult:
         spec = self.spec
-        self.parent_id = self.tracker.start_pipeline(spec.name, spec.model_dump(mode="json"), self.pipeline_text,
-                                                     spec.model_dump(mode="json"))
+        if self.manifest.parent_run_id:
+            self.parent_id = self.manifest.parent_run_id
+            self.tracker.reopen(self.parent_id, self.manifest.attempt)
+        else:
+            self.parent_id = self.tracker.start_pipeline(spec.name, spec.model_dump(mode="json"), self.pipeline_text,
+                                                         spec.model_dump(mode="json"), str(self.output_dir))
+            self.manifest.parent_run_id = self.parent_id
+        self.manifest.save()
         open_runs = [self.parent_id]
         self.echo(f"[hft-ray] MLflow parent run {self.parent_id} in experiment {spec.experiment!r} "
                   f"({self.tracker.tracking_uri})")
@@ -182,45 +212,67 @@ class PipelineRun:
         return result
 
     def _run(self, open_runs: list[str]) -> PipelineResult:
-        spec = self.spec
+        spec, manifest = self.spec, self.manifest
         total = len(spec.stages)
-        base = self._base_checkpoint()
-        base_row = self._submit_eval(base)
-        branches = {m: Branch(m, base) for m in spec.methods}
-        pending: dict = {base_row: ("base", None, 0)}
+        base = self._record_base(self._base_checkpoint())
+        base_scores = manifest.base.get("scores")
+        pending: dict = {} if base_scores else {self._submit_eval(base): ("base", None, 0)}
+        branches = {}
+        for method in spec.methods:  # on resume: skip what the manifest says is done
+            done = manifest.finished_stages(method)
+            stages = {i: manifest.stage(method, i) for i in range(1, done + 1)}
+            branch = Branch(method, stages[done]["checkpoint"] if done else base, done,
+                            rows={i: e["row"] for i, e in stages.items() if e.get("row")},
+                            run_ids={i: e["run_id"] for i, e in stages.items()})
+            branches[method] = branch
+            for index in set(stages) - set(branch.rows):  # trained, not yet evaluated
+                open_runs.append(branch.run_ids[index])
+                self.tracker.reopen(branch.run_ids[index], manifest.attempt)
+                pending[self._submit_eval(stages[index]["checkpoint"])] = ("eval", branch, index)
+            if done:
+                self.echo(f"[hft-ray] {method}: stages 1-{done} done in an earlier attempt")
 
         def submit_next(branch: Branch) -> None:
             index = branch.done + 1
             stage = spec.stages[index - 1]
             plan = self._plan(branch.method, index)
-            selection = {"kind": spec.methods[branch.method].kind}
-            if plan:
-                selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
-                selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
-                selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
-            run_id = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain, selection)
-            branch.run_ids[index] = run_id
-            open_runs.append(run_id)
+            entry = manifest.stage(branch.method, index)
+            if entry.get("run_id"):  # its training died with the driver: train again, same child run
+                self.tracker.reopen(entry["run_id"], manifest.attempt)
+            else:
+                selection = {"kind": spec.methods[branch.method].kind}
+                if plan:
+                    selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
+                    selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
+                    selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
+                entry["run_id"] = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain,
+                                                           selection)
+                manifest.save()
+            branch.run_ids[index] = entry["run_id"]
+            open_runs.append(entry["run_id"])
             label = f"{branch.method} stage {index}/{total} ({stage.domain})"
             job = self._job(label, branch.checkpoint, self.domains[stage.domain].train, stage.steps,
                             spec.stage_lr(stage), spec.seed * 1000 + index, plan)
             self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
-            pending[self._submit_stage(job, f"{branch.method}-stage{index}-{self.output_dir.name}")] = ("stage", branch, index)
+            pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
 
         for branch in branches.values():
-            submit_next(branch)
-        base_scores = None
+            if branch.done < total:
+                submit_next(branch)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             kind, branch, index = pending.pop(ready[0])
             what = "base evaluation" if kind == "base" else f"{branch.method} stage {index} {kind}"
             value = self._wait_one(ready[0], what)
             if kind == "base":
-                base_scores = value
+                base_scores = manifest.base["scores"] = value
+                manifest.save()
                 self.echo(f"[hft-ray] base: {self._row_text(value)}")
             elif kind == "stage":
                 self.tracker.log_training(branch.run_ids[index], value.losses, value.train_s, value.step_s,
                                           self._plan(branch.method, index))
+                manifest.stage(branch.method, index)["checkpoint"] = value.checkpoint
+                manifest.save()
                 self.echo(f"[hft-ray] {branch.method} stage {index}/{total} done: loss {value.losses[-1]:.4f}, "
                           f"{value.train_s:.0f}s, {value.step_s * 1000:.0f} ms/step, "
                           f"{value.trainable / value.total:.0%} of parameters trained")
@@ -237,6 +289,8 @@ class PipelineRun:
                 })
                 self.tracker.finish(branch.run_ids[index])
                 open_runs.remove(branch.run_ids[index])
+                manifest.stage(branch.method, index)["row"] = value
+                manifest.save()
                 self.echo(f"[hft-ray] {branch.method} after stage {index}: {self._row_text(value)}")
         return self._finish(branches, base_scores)
 
@@ -272,6 +326,33 @@ class PipelineRun:
         (self.output_dir / "result.json").write_text(json.dumps(
             {m: {"matrix": matrices[m].to_dict(), "summary": summaries[m]} for m in matrices}, indent=1))
         return PipelineResult(self.parent_id, str(self.output_dir), matrices, summaries)
+
+
+def resumable(tracker: Tracker, spec: PipelineSpec, run_id: str | None) -> Manifest:
+    """The manifest of the run `hft-ray run --resume [RUN_ID]` continues; UserError if none fits."""
+    try:
+        run = tracker.find_resumable(spec.name, run_id)
+    except Exception as error:  # mlflow raises its own exception for an unknown id
+        raise UserError(f"--resume {run_id}: no such run in {tracker.tracking_uri} ({str(error).splitlines()[0]})") from None
+    if run is None:
+        raise UserError(f"--resume: no unfinished run of pipeline {spec.name!r} in experiment {spec.experiment!r} "
+                        f"({tracker.tracking_uri}); start one without --resume")
+    name, status = run.info.run_id, run.info.status
+    if run.data.tags.get("hft.kind") != "pipeline" or run.data.tags.get("hft.pipeline") != spec.name:
+        raise UserError(f"--resume {name}: not a run of pipeline {spec.name!r}")
+    if status == "FINISHED":
+        raise UserError(f"--resume {name}: that run FINISHED; nothing to resume")
+    folder = Path(run.data.tags.get("hft.output_dir", ""))
+    if not (folder / MANIFEST_FILE).is_file():
+        raise UserError(f"--resume {name}: its manifest {folder / MANIFEST_FILE} is not there "
+                        "(was output.dir moved or removed?)")
+    manifest = Manifest.load(folder)
+    if manifest.spec_sha256 != spec_digest(spec.model_dump(mode="json")):
+        raise UserError(f"--resume {name}: the pipeline (file and --set overrides) differs from the one that run "
+                        f"started with; resume with the same ones (logged as its pipeline.yaml artifact)")
+    if manifest.driver_alive():
+        raise UserError(f"--resume {name}: its driver (pid {manifest.driver['pid']}) is still running")
+    return manifest
 
 
 def _cause(error: BaseException) -> str:

@@ -62,6 +62,8 @@ class TrainSpec(Strict):
     max_length: int = Field(64, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(25, gt=0, description="print the loss every N steps")
+    checkpoint_every: int = Field(100, ge=0, description="resumable checkpoint every N steps (0: at the end only)")
+    max_failures: int = Field(2, ge=0, description="restarts of a stage's worker group after a worker dies")
 
 
 class FFTMethod(Strict):

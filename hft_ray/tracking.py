@@ -54,9 +54,9 @@ class Tracker:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def start_pipeline(self, name: str, params: dict, pipeline_text: str, effective: dict) -> str:
+    def start_pipeline(self, name: str, params: dict, pipeline_text: str, effective: dict, output_dir: str = "") -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"hft.kind": "pipeline", "hft.pipeline": name})
+                                     tags={"hft.kind": "pipeline", "hft.pipeline": name, "hft.output_dir": output_dir})
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, pipeline_text, "pipeline.yaml")
@@ -97,6 +97,22 @@ class Tracker:
 
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
+
+    def reopen(self, run_id: str, attempt: int) -> None:
+        """Mark a run of a resumed pipeline RUNNING again; `hft.attempt` counts the resumes."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "hft.attempt", str(attempt))
+        if "hft.error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "hft.error")
+
+    def find_resumable(self, pipeline: str, run_id: str | None = None):
+        """The pipeline run to resume: `run_id`, else the newest unfinished run of `pipeline`."""
+        if run_id:
+            return self.client.get_run(run_id)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`hft.kind` = 'pipeline' and "
+                                       f"tags.`hft.pipeline` = '{pipeline}' and attributes.status != 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
 
     def fail(self, run_id: str, reason: str) -> None:
         """End a run FAILED with the reason as a tag (never leave it RUNNING)."""

@@ -319,10 +319,11 @@ def run_trial(config: dict, context: TrialContext) -> None:
         job = StageJob(label=f"trial {trial_id} stage {index}/{total} ({stage.domain})", init_checkpoint=checkpoint,
                        examples=context.train_sets[stage.domain], steps=stage.steps, lr=lr,
                        batch_size=train.batch_size, max_length=train.max_length, weight_decay=train.weight_decay,
-                       seed=seed * 1000 + index, log_every=train.log_every, plan=plan)
+                       seed=seed * 1000 + index, log_every=train.log_every, plan=plan,
+                       checkpoint_every=train.checkpoint_every)
         # A unique name per TorchTrainer run: reusing (storage, name) would resume an old run.
         result = run_stage(job, context.storage, f"{context.search_name}-{trial_id}-stage{index}",
-                           train.workers, train.cpus_per_worker, train.use_gpu)
+                           train.workers, train.cpus_per_worker, train.use_gpu, train.max_failures)
         checkpoint = result.checkpoint
         model, tokenizer = load_checkpoint(checkpoint)
         row = {name: evaluate(model, tokenizer, examples, max_new_tokens=spec.eval.max_new_tokens,
