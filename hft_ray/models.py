@@ -93,17 +93,22 @@ def resolve_source(source: str) -> ModelSource:
     return ModelSource("pretrained", source)
 
 
-def load_config(source: ModelSource) -> transformers.PretrainedConfig:
+def load_config(source: ModelSource, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """The model's config; code shipped with a model runs only with `trust_remote_code`."""
     if source.is_builtin:
         return BUILTIN_CONFIGS[source.name]()
+    options = {"gguf_file": source.gguf_file, "trust_remote_code": trust_remote_code}
     try:
         # The local cache first: a hub lookup that cannot connect retries for half a minute.
-        return transformers.AutoConfig.from_pretrained(source.name, gguf_file=source.gguf_file, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(source.name, local_files_only=True, **options)
     except (OSError, ValueError):
         pass
     try:
-        return transformers.AutoConfig.from_pretrained(source.name, gguf_file=source.gguf_file)
+        return transformers.AutoConfig.from_pretrained(source.name, **options)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise UserError(f"model: {source.name!r} ships its own code, which hft-ray does not run unless the "
+                            "pipeline sets model.trust_remote_code: true (only for code you trust)") from None
         raise UserError(
             f"model: cannot load {source.name!r} ({str(error).splitlines()[0]}); give a built-in name "
             f"({', '.join(BUILTIN_CONFIGS)}), a local model folder, a .gguf file, or a Hugging Face "
@@ -111,22 +116,22 @@ def load_config(source: ModelSource) -> transformers.PretrainedConfig:
         ) from None
 
 
-def meta_model(source: str) -> transformers.PreTrainedModel:
+def meta_model(source: str, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
     """The model's structure without its weights (device `meta`): enough to plan a selection."""
-    config = load_config(resolve_source(source))
+    config = load_config(resolve_source(source), trust_remote_code)
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def load_model(source: str, seed: int = 0) -> transformers.PreTrainedModel:
+def load_model(source: str, seed: int = 0, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
     """A model with weights, in float32: built-in ones are freshly initialised from `seed`."""
     resolved = resolve_source(source)
     if resolved.is_builtin:
         torch.manual_seed(seed)
         return transformers.AutoModelForCausalLM.from_config(load_config(resolved))
-    load_config(resolved)  # a clear error before a long load
+    load_config(resolved, trust_remote_code)  # a clear error before a long load
     return transformers.AutoModelForCausalLM.from_pretrained(
-        resolved.name, gguf_file=resolved.gguf_file, dtype=torch.float32
+        resolved.name, gguf_file=resolved.gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
 
 
@@ -143,9 +148,10 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def load_tokenizer(source: str) -> transformers.PreTrainedTokenizerBase:
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
     resolved = resolve_source(source)
     if resolved.is_builtin:
         return char_tokenizer()
-    return transformers.AutoTokenizer.from_pretrained(resolved.name, gguf_file=resolved.gguf_file)
+    return transformers.AutoTokenizer.from_pretrained(resolved.name, gguf_file=resolved.gguf_file,
+                                                      trust_remote_code=trust_remote_code)
 

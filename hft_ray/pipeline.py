@@ -155,13 +155,14 @@ class PipelineRun:
 
     def _base_checkpoint(self) -> str:
         """The base model as a checkpoint; pretrained on `pretrain.domains` when asked."""
-        structure = meta_model(self.spec.model.source)
+        trust = self.spec.model.trust_remote_code
+        structure = meta_model(self.spec.model.source, trust)
         self.model_type = structure.config.model_type
         self.units = model_units(structure)
         if self.manifest.base.get("checkpoint"):
             return self.manifest.base["checkpoint"]
-        model = load_model(self.spec.model.source, seed=self.spec.seed)
-        path = str(write_checkpoint(self.output_dir / "base", model, load_tokenizer(self.spec.model.source)))
+        model = load_model(self.spec.model.source, seed=self.spec.seed, trust_remote_code=trust)
+        path = str(write_checkpoint(self.output_dir / "base", model, load_tokenizer(self.spec.model.source, trust)))
         pretrain = self.spec.pretrain
         if pretrain is None:
             return path

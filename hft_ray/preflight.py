@@ -33,14 +33,14 @@ def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
 def _check_model(spec: PipelineSpec) -> list[str]:
     try:
         source = resolve_source(spec.model.source)
-        config = load_config(source)
+        config = load_config(source, spec.model.trust_remote_code)
     except UserError as error:
         return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
     import torch
     import transformers
 
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     try:
         assign_roles({n: tuple(p.shape) for n, p in model.named_parameters()}, config.model_type,
                      Geometry.from_config(config))
@@ -74,7 +74,7 @@ def _source_arg(source):
 def _check_lengths(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
     from hft_ray.models import load_tokenizer
 
-    tokenizer = load_tokenizer(spec.model.source)
+    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
     problems = []
     for name, data in domains.items():
         try:

@@ -192,6 +192,24 @@ def parse_spec(data: Any, source: str = "pipeline") -> PipelineSpec:
     return spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """YAML data, as safe_load gives, but a duplicate key is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path, what: str, overrides: list[str] = ()) -> tuple[object, str]:
     """A YAML file's data, with `key.path=value` overrides applied, and its text."""
     path = Path(path)
@@ -199,7 +217,7 @@ def read_yaml(path: str | Path, what: str, overrides: list[str] = ()) -> tuple[o
         raise UserError(f"{what} file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML: {error}") from None
     if isinstance(data, dict):

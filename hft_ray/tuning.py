@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hft_ray.errors import UserError
 from hft_ray.metrics import ForgettingMatrix, summary
 from hft_ray.selection import GRANULARITIES
-from hft_ray.spec import FileSource, PipelineSpec, parse_spec, read_yaml, set_override
+from hft_ray.spec import FileSource, PipelineSpec, parse_spec, parse_yaml, read_yaml, set_override
 
 TRIAL_CPUS = 0.01
 OBJECTIVE_METRICS = ("OP", "BWT", "forgetting", "heldout_delta", "OP+BWT")
@@ -222,7 +222,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> LoadedSpace:
         raise UserError(f"pipeline: {space.pipeline!r} does not exist (looked for {pipeline_path}; "
                         "a relative path is relative to the space file)")
     try:
-        pipeline_data = yaml.safe_load(pipeline_path.read_text())
+        pipeline_data = parse_yaml(pipeline_path.read_text())
     except yaml.YAMLError as error:
         raise UserError(f"pipeline: {pipeline_path} is not valid YAML: {error}") from None
     problems = []

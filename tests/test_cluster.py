@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -211,6 +212,8 @@ def test_ui_serves_the_run_its_heatmap_and_its_page(project, submitted):
     base = f"http://127.0.0.1:{port}"
     try:
         assert ui.stdout.readline().strip() == f"MLflow UI for sqlite:///{project}/mlflow.db: open {base} (Ctrl-C stops it)"
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, "the UI binds loopback only, unless told otherwise"
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={submitted['run']}") as response:
             run = json.load(response)["run"]
         assert run["info"]["status"] == "FINISHED"

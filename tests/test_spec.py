@@ -1,5 +1,6 @@
 """Pipeline files: every shipped one loads; bad ones exit 2 naming every problem, start nothing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,41 @@ CASES = [
     ("pretrain unknown domain", {"pretrain": {"domains": ["zzz"], "steps": 3}}, ["pretrain.domains.0: 'zzz' is not a domain"]),
     ("max_length shorter than prompts", {"train": {"max_length": 3}}, ["max_length"]),
     ("bad name", {"name": "a b/c"}, ["name: String should match pattern"]),
+    ("duplicate domain name", "domains:\n  a: {source: builtin:upper}\n  a: {source: builtin:caesar}\n",
+     ["not valid YAML", "duplicate key 'a'"]),
+    ("empty data file", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "empty.jsonl"}}}},
+     ["empty.jsonl", "is empty"]),
+    ("rows without the needed fields", {"domains": {"a": {"source": "builtin:upper"},
+                                                   "b": {"source": {"path": "nofields.jsonl"}}}}, ["nofields.jsonl"]),
+    ("architecture with no role map", {"model": {"source": "./bloom"}}, ["model.source:", "bloom"]),
+    ("model code not trusted", {"model": {"source": "./custom"}}, ["model.trust_remote_code: true"]),
+    ("negative lr", {"train": {"lr": -0.1}}, ["train.lr: Input should be greater than 0"]),
+    ("unknown eval metric", {"eval": {"metric": "bleu"}}, ["eval.metric: Input should be 'exact_match' or 'token_accuracy'"]),
+    ("negative checkpoint_every", {"train": {"checkpoint_every": -5}}, ["train.checkpoint_every"]),
+    ("negative max_failures", {"train": {"max_failures": -1}}, ["train.max_failures"]),
+    ("storage URI", {"output": {"dir": "s3://bucket/runs"}}, ["output.dir: storage URIs"]),
+    ("stages not a list", {"stages": {"domain": "a"}}, ["stages: Input should be a valid list"]),
+    ("no methods", {"methods": {}}, ["methods: Dictionary should have at least 1 item"]),
+    ("no domains", {"domains": {}, "stages": [{"domain": "a", "steps": 1}]}, ["domains: Dictionary should have at least 1 item"]),
+    ("ratio zero", {"methods": {"hft": {"kind": "hft", "ratio": 0}}}, ["methods.hft.ratio: Input should be greater than 0"]),
+    ("unknown tracking key", {"tracking": {"uri": "x"}}, ["tracking.uri: unknown key"]),
 ]
 
 
 def _write(tmp_path, content):
     (tmp_path / "b.jsonl").write_text('{"prompt": "x=", "completion": "y"}\n' * 20)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nofields.jsonl").write_text('{"question": "x=", "answer": "y"}\n' * 20)
+    (tmp_path / "bloom").mkdir(exist_ok=True)
+    (tmp_path / "bloom" / "config.json").write_text(json.dumps({"model_type": "bloom", "n_layer": 2, "n_head": 2,
+                                                                "hidden_size": 16, "vocab_size": 64}))
+    (tmp_path / "custom").mkdir(exist_ok=True)
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {"model_type": "custom-x", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    # Run, it would leave a marker: the test checks it never ran.
+    (tmp_path / "custom" / "configuration_x.py").write_text(
+        f"open({str(tmp_path / 'code-ran')!r}, 'w').close()\nfrom transformers import PretrainedConfig\n"
+        "class XConfig(PretrainedConfig):\n    model_type = 'custom-x'\n")
     path = tmp_path / "p.yaml"
     if isinstance(content, str):
         path.write_text(content)
@@ -80,6 +111,7 @@ def test_bad_pipeline_exits_2_naming_the_problem_and_starts_nothing(tmp_path, mo
         assert fragment in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "hft_runs").exists()
+    assert not (tmp_path / "code-ran").exists(), "a model's own code runs only with trust_remote_code"
 
 
 def test_several_problems_are_reported_together(tmp_path):
