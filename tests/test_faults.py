@@ -49,7 +49,7 @@ def children(client: MlflowClient, parent_id: str):
 
 def test_a_killed_worker_is_restarted_from_the_stages_last_checkpoint(tmp_path):
     # Long enough that the kill lands mid-stage even when Ray forwards the worker's lines late.
-    pipeline = write_pipeline(tmp_path, "[{domain: upper, steps: 300}]", "{hft: {kind: hft}}", checkpoint_every=20)
+    pipeline = write_pipeline(tmp_path, "[{domain: upper, steps: 400}]", "{hft: {kind: hft}}", checkpoint_every=20)
     driver = start(pipeline, tmp_path)
     killed, checkpointed, log = None, None, []
     try:
@@ -78,7 +78,7 @@ def test_a_killed_worker_is_restarted_from_the_stages_last_checkpoint(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (stage,) = children(client, result["parent_run_id"])
     history = client.get_metric_history(stage.info.run_id, "train/loss")
-    assert [m.step for m in history] == list(range(1, 301)), "every step's loss logged once"
+    assert [m.step for m in history] == list(range(1, 401)), "every step's loss logged once"
     assert stage.info.status == "FINISHED" and client.get_run(result["parent_run_id"]).info.status == "FINISHED"
     matrix = result["methods"]["hft"]["matrix"]
     assert len(matrix["scores"]) == 2 and all(len(row) == 2 for row in matrix["scores"])
