@@ -75,12 +75,22 @@ CASES = [
     ("no domains", {"domains": {}, "stages": [{"domain": "a", "steps": 1}]}, ["domains: Dictionary should have at least 1 item"]),
     ("ratio zero", {"methods": {"hft": {"kind": "hft", "ratio": 0}}}, ["methods.hft.ratio: Input should be greater than 0"]),
     ("unknown tracking key", {"tracking": {"uri": "x"}}, ["tracking.uri: unknown key"]),
+    ("dpo stage on an SFT domain", {"stages": [{"domain": "a", "steps": 3, "kind": "dpo"}]},
+     ["stages.0.kind: 'dpo' needs preference pairs"]),
+    ("sft stage on a preference domain", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": "builtin:prefer"}},
+                                          "stages": [{"domain": "b", "steps": 3}]}, ["train it with kind: dpo"]),
+    ("unknown stage kind", {"stages": [{"domain": "a", "steps": 3, "kind": "ppo"}]},
+     ["stages.0.kind: Input should be 'sft' or 'dpo'"]),
+    ("preference rows lacking rejected", {"domains": {"a": {"source": "builtin:upper"},
+                                                     "b": {"source": {"path": "pairs.jsonl"}, "format": "preference"}}},
+     ["lack 'rejected'"]),
 ]
 
 
 def _write(tmp_path, content):
     (tmp_path / "b.jsonl").write_text('{"prompt": "x=", "completion": "y"}\n' * 20)
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "x=", "chosen": "y"}\n' * 20)
     (tmp_path / "nofields.jsonl").write_text('{"question": "x=", "answer": "y"}\n' * 20)
     (tmp_path / "bloom").mkdir(exist_ok=True)
     (tmp_path / "bloom" / "config.json").write_text(json.dumps({"model_type": "bloom", "n_layer": 2, "n_head": 2,
