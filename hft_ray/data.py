@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from hft_ray.domains import BUILTIN_DOMAINS, Example
+from hft_ray.domains import BUILTIN_DOMAINS, Example, Preference
 from hft_ray.errors import UserError
 
-FORMATS = ("auto", "prompt_completion", "chat")
+FORMATS = ("auto", "prompt_completion", "chat", "preference")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 IGNORE_INDEX = -100  # labels the loss skips: the prompt and the padding
 
-__all__ = ["Example", "DomainData", "FORMATS", "load_domain", "encode", "render_chat"]
+__all__ = ["Example", "Preference", "DomainData", "FORMATS", "load_domain", "encode", "render_chat"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,14 @@ class DomainData:
     unless the domain is knowledge, where eval = train)."""
 
     name: str
-    train: tuple[Example, ...]
-    eval: tuple[Example, ...]
+    train: tuple[Example, ...] | tuple[Preference, ...]
+    eval: tuple[Example, ...] | tuple[Preference, ...]
     is_knowledge: bool = False
+
+    @property
+    def is_preference(self) -> bool:
+        """Preference pairs (prompt, chosen, rejected): trained by DPO stages, scored by reward accuracy."""
+        return bool(self.train) and isinstance(self.train[0], Preference)
 
 
 def load_domain(name: str, source: str | Mapping, *, format: str = "auto", seed: int = 0,
@@ -195,7 +200,9 @@ def _rows_list(indices: Sequence[int], limit: int = 10) -> str:
 def _to_examples(key: str, where: str, rows: list[dict], format: str) -> list[Example]:
     columns = set().union(*(row.keys() for row in rows))
     if format == "auto":
-        if "messages" in columns:
+        if {"chosen", "rejected"} <= columns:
+            format = "preference"
+        elif "messages" in columns:
             format = "chat"
         elif {"prompt", "completion"} & columns:
             format = "prompt_completion"
@@ -213,6 +220,14 @@ def _to_examples(key: str, where: str, rows: list[dict], format: str) -> list[Ex
         if problems:
             raise UserError(*problems)
         return [Example(str(row["prompt"]), str(row["completion"])) for row in rows]
+    if format == "preference":
+        for column in ("prompt", "chosen", "rejected"):
+            lacking = [i for i, row in enumerate(rows, 1) if row.get(column) is None]
+            if lacking:
+                problems.append(f"{key}: rows {_rows_list(lacking)} lack {column!r} (in {where}; rows count from 1)")
+        if problems:
+            raise UserError(*problems)
+        return [Preference(str(row["prompt"]), str(row["chosen"]), str(row["rejected"])) for row in rows]
     examples, bad = [], []
     for i, row in enumerate(rows, 1):
         try:

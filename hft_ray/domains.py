@@ -31,6 +31,15 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Preference:
+    """One preference pair for DPO: for `prompt`, `chosen` is preferred over `rejected`."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
 class DomainKind:
     """A generator of examples. `generate(rng, n)` returns n distinct examples (distinct prompts).
     `is_knowledge`: eval = train (memorisation); otherwise eval is held out from train."""
@@ -83,6 +92,12 @@ def _shift(k: int) -> Callable[[str], str]:
     return lambda c: LETTERS[(LETTERS.index(c) + k) % 26]
 
 
+def _prefer(rng: random.Random, n: int) -> list[Preference]:
+    """Pairs of two candidate shifts of a word: the +1 shift preferred over the -1 shift."""
+    up, down = _shift(1), _shift(-1)
+    return [Preference(f"V {w}=", "".join(map(up, w)), "".join(map(down, w))) for w in _words(rng, n, 5)]
+
+
 BUILTIN_DOMAINS: dict[str, DomainKind] = {
     kind.name: kind
     for kind in (
@@ -97,6 +112,7 @@ BUILTIN_DOMAINS: dict[str, DomainKind] = {
         DomainKind("double", "double each letter: 'D abcd=' -> 'aabbccdd'", _double),
         DomainKind("swap", "swap letter pairs: 'S abcdef=' -> 'badcfe'", _swap),
         # Carries make addition much harder than a character map; measured in benchmarks/CALIBRATION.md.
+        DomainKind("prefer", "preference pairs for DPO: 'V abcde=' prefers 'bcdef' over 'zabcd'", _prefer),
         DomainKind("arithmetic", "2-digit addition: 'A 12+34=' -> '46' (10,000 problems in all)", _arithmetic,
                    default_train_size=2000),
     )

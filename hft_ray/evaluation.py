@@ -36,6 +36,17 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
     return {"exact_match": float(exact), "token_accuracy": float(accuracy)}
 
 
+def evaluate_domain(model, tokenizer, examples, *, max_new_tokens: int = 16, batch_size: int = 64) -> dict[str, float]:
+    """`evaluate` for SFT domains; for a preference domain, reward accuracy, which also fills the
+    exact_match and token_accuracy cells so it has a place in every forgetting matrix."""
+    from hft_ray.dpo import Preference, reward_accuracy
+
+    if examples and isinstance(examples[0], Preference):
+        accuracy = reward_accuracy(model, tokenizer, examples, batch_size=batch_size)
+        return {"exact_match": accuracy, "token_accuracy": accuracy, "reward_accuracy": accuracy}
+    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
                      batch_size: int = 64) -> list[str]:
     """Greedy answers, cut at EOS and stripped. Batches are left-padded with an attention mask."""

@@ -74,11 +74,11 @@ def _eval_task(checkpoint: str, eval_sets: dict[str, list[Example]], settings: d
     import torch
 
     from hft_ray.checkpoints import load_checkpoint
-    from hft_ray.evaluation import evaluate
+    from hft_ray.evaluation import evaluate_domain
 
     torch.manual_seed(0)
     model, tokenizer = load_checkpoint(checkpoint)
-    return {name: evaluate(model, tokenizer, examples, max_new_tokens=settings["max_new_tokens"],
+    return {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=settings["max_new_tokens"],
                            batch_size=settings["batch_size"])
             for name, examples in eval_sets.items()}
 
@@ -124,11 +124,13 @@ class PipelineRun:
 
     # -- building blocks -------------------------------------------------------------------------
 
-    def _job(self, label: str, checkpoint: str, examples, steps: int, lr: float, seed: int, plan) -> StageJob:
+    def _job(self, label: str, checkpoint: str, examples, steps: int, lr: float, seed: int, plan,
+             kind: str = "sft", beta: float = 0.1) -> StageJob:
         t = self.spec.train
         return StageJob(label=label, init_checkpoint=checkpoint, examples=tuple(examples), steps=steps, lr=lr,
                         batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
-                        seed=seed, log_every=t.log_every, plan=plan, checkpoint_every=t.checkpoint_every)
+                        seed=seed, log_every=t.log_every, plan=plan, checkpoint_every=t.checkpoint_every,
+                        kind=kind, beta=beta)
 
     def _submit_stage(self, job: StageJob, run_name: str, cpus_per_worker: float | None = None):
         t = self.spec.train
@@ -253,7 +255,7 @@ class PipelineRun:
             open_runs.append(entry["run_id"])
             label = f"{branch.method} stage {index}/{total} ({stage.domain})"
             job = self._job(label, branch.checkpoint, self.domains[stage.domain].train, stage.steps,
-                            spec.stage_lr(stage), spec.seed * 1000 + index, plan)
+                            spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta)
             self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
             pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
 

@@ -61,7 +61,7 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
         except UserError as error:
             problems += error.problems
     if not problems:
-        problems += _check_lengths(spec, domains)
+        problems += _check_kinds(spec, domains) or _check_lengths(spec, domains)
     if problems:
         raise UserError(*problems)
     return Prepared(spec, domains)
@@ -71,14 +71,36 @@ def _source_arg(source):
     return source if isinstance(source, str) else source.model_dump(exclude_none=True)
 
 
+def _check_kinds(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+    """DPO stages train on preference domains, SFT stages and pretraining on the others."""
+    problems = []
+    for index, stage in enumerate(spec.stages):
+        preference = domains[stage.domain].is_preference
+        if stage.kind == "dpo" and not preference:
+            problems.append(f"stages.{index}.kind: 'dpo' needs preference pairs (prompt, chosen, rejected); "
+                            f"domain {stage.domain!r} has prompt/completion rows")
+        if stage.kind == "sft" and preference:
+            problems.append(f"stages.{index}.kind: domain {stage.domain!r} holds preference pairs; "
+                            "train it with kind: dpo")
+    for index, name in enumerate(spec.pretrain.domains if spec.pretrain else []):
+        if domains[name].is_preference:
+            problems.append(f"pretrain.domains.{index}: {name!r} holds preference pairs; pretraining is SFT")
+    return problems
+
+
 def _check_lengths(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+    from hft_ray.dpo import encode_pairs
     from hft_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
     problems = []
     for name, data in domains.items():
         try:
-            encode(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length, domain=name)
+            if data.is_preference:
+                encode_pairs(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length,
+                             domain=name)
+            else:
+                encode(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length, domain=name)
         except UserError as error:
             problems += error.problems
     return problems

@@ -42,7 +42,7 @@ class DatasetSource(Strict):
 
 class DomainSpec(Strict):
     source: str | FileSource | DatasetSource = Field(description="builtin:<kind>, {path: ...} or {dataset: ...}")
-    format: Literal["auto", "prompt_completion", "chat"] = "auto"
+    format: Literal["auto", "prompt_completion", "chat", "preference"] = "auto"
     eval_size: int = Field(200, gt=0, description="held-out examples (knowledge domains evaluate on what they train)")
     train_size: int | None = Field(None, gt=0)
 
@@ -51,6 +51,8 @@ class StageSpec(Strict):
     domain: str
     steps: int = Field(gt=0)
     lr: float | None = Field(None, gt=0, description="default: train.lr")
+    kind: Literal["sft", "dpo"] = Field("sft", description="sft: causal-LM loss; dpo: preference pairs, DPO loss")
+    beta: float = Field(0.1, gt=0, description="DPO's beta (dpo stages only)")
 
 
 class TrainSpec(Strict):

@@ -18,6 +18,7 @@ import torch
 
 from hft_ray.checkpoints import load_checkpoint, load_optimizer, read_json, save_into, save_optimizer
 from hft_ray.data import Example, encode
+from hft_ray.dpo import dpo_step_loss, encode_pairs, with_reference
 from hft_ray.freezing import apply_plan
 from hft_ray.selection import SelectionPlan
 from hft_ray.training import batches, make_optimizer, run_steps
@@ -39,6 +40,8 @@ class StageJob:
     log_every: int
     plan: dict | None          # SelectionPlan.to_dict(), None for full fine-tuning
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only the final one)
+    kind: str = "sft"          # "dpo": `examples` are Preference pairs, the reference is init_checkpoint
+    beta: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,15 @@ def stage_worker(config: dict) -> None:
         scheduler.step()
     if applied:
         applied.attach(optimizer)
-    encoded = encode(list(job.examples), tokenizer, job.max_length)
+    loss_fn = None
+    if job.kind == "dpo":
+        # The reference is the stage's starting model; a resumed worker reloads it for that.
+        reference = load_checkpoint(job.init_checkpoint)[0] if resume else getattr(model, "module", model)
+        encoded = with_reference(reference, encode_pairs(list(job.examples), tokenizer, job.max_length))
+        encoded = {k: v.to(device) for k, v in encoded.items()} if device.type != "cpu" else encoded
+        loss_fn = dpo_step_loss(job.beta)
+    else:
+        encoded = encode(list(job.examples), tokenizer, job.max_length)
     stream = batches(encoded, job.batch_size, job.seed, rank, world)
     for _ in range(done):
         next(stream)  # the batches already trained on
@@ -125,7 +136,7 @@ def stage_worker(config: dict) -> None:
             report(step, final=False)
         last = time.perf_counter()  # checkpoint time is not step time
 
-    run_steps(model, optimizer, scheduler, data, job.steps, on_step=on_step, start=done)
+    run_steps(model, optimizer, scheduler, data, job.steps, on_step=on_step, start=done, loss_fn=loss_fn)
     report(job.steps, final=True)
 
 

@@ -301,7 +301,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     from ray import tune  # Ray
 
     from hft_ray.checkpoints import load_checkpoint
-    from hft_ray.evaluation import evaluate
+    from hft_ray.evaluation import evaluate_domain
     from hft_ray.selection import plan_units
     from hft_ray.stage import StageJob, run_stage
 
@@ -320,13 +320,13 @@ def run_trial(config: dict, context: TrialContext) -> None:
                        examples=context.train_sets[stage.domain], steps=stage.steps, lr=lr,
                        batch_size=train.batch_size, max_length=train.max_length, weight_decay=train.weight_decay,
                        seed=seed * 1000 + index, log_every=train.log_every, plan=plan,
-                       checkpoint_every=train.checkpoint_every)
+                       checkpoint_every=train.checkpoint_every, kind=stage.kind, beta=stage.beta)
         # A unique name per TorchTrainer run: reusing (storage, name) would resume an old run.
         result = run_stage(job, context.storage, f"{context.search_name}-{trial_id}-stage{index}",
                            train.workers, train.cpus_per_worker, train.use_gpu, train.max_failures)
         checkpoint = result.checkpoint
         model, tokenizer = load_checkpoint(checkpoint)
-        row = {name: evaluate(model, tokenizer, examples, max_new_tokens=spec.eval.max_new_tokens,
+        row = {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=spec.eval.max_new_tokens,
                               batch_size=spec.eval.batch_size)
                for name, examples in context.eval_sets.items()}
         rows.append(row)

@@ -51,7 +51,8 @@ def test_builtin_domains_are_deterministic_short_and_split(kind):
     again = load_domain("d", f"builtin:{kind}", seed=3, eval_size=50, train_size=300)
     assert data == again
     assert load_domain("d", f"builtin:{kind}", seed=4, eval_size=50, train_size=300) != data
-    assert all(len(e.prompt) + len(e.completion) <= 24 for e in data.train + data.eval)
+    assert all(len(e.prompt) + max(len(getattr(e, a, "")) for a in ("completion", "chosen", "rejected")) <= 24
+               for e in data.train + data.eval)
     if BUILTIN_DOMAINS[kind].is_knowledge:
         assert data.is_knowledge and data.eval == data.train and len(data.train) == 300
     else:
@@ -189,3 +190,12 @@ def test_encode_rejects_prompts_longer_than_max_length():
         encode(examples, char_tokenizer(), max_length=10, domain="qa")
     # A completion that does not fit is cut instead.
     assert encode([Example("abc=", "x" * 20)], char_tokenizer(), max_length=10)["input_ids"].shape == (1, 10)
+
+
+def test_preference_rows_load_from_a_file_as_pairs(tmp_path):
+    rows = [{"prompt": f"Q{i}:", "chosen": " good", "rejected": " bad"} for i in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_domain("p", {"path": str(path)}, eval_size=5)
+    assert data.is_preference and len(data.train) == 16 and len(data.eval) == 4  # a fifth held out
+    assert data.train[0].chosen == " good" and data.train[0].rejected == " bad"
