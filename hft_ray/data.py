@@ -320,6 +320,20 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int, *, domain: s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def mix_replay(current: Sequence[Example], earlier: Sequence[Sequence[Example]], fraction: float,
+               seed: int) -> list[Example]:
+    """`current` plus replayed examples from `earlier` domains, so that replayed examples make up
+    `fraction` of the result (rounded to whole examples), drawn evenly across the earlier domains
+    and deterministically from `seed`."""
+    pools = [list(part) for part in earlier if part]
+    if not fraction or not pools:
+        return list(current)
+    wanted = round(len(current) * fraction / (1 - fraction))
+    rng = random.Random(seed)
+    replayed = [rng.choice(pools[i % len(pools)]) for i in range(wanted)]
+    return list(current) + replayed
+
+
 def mix_balanced(parts: Sequence[Sequence[Example]]) -> list[Example]:
     """One training set from several domains, each repeated up to the largest one's size, so
     a small domain (150 facts) is not drowned by a large one (2,000 skill examples)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 
 from hft_ray.checkpoints import write_checkpoint
-from hft_ray.data import Example, mix_balanced
+from hft_ray.data import Example, mix_balanced, mix_replay
 from hft_ray.metrics import ForgettingMatrix, summary
 from hft_ray.errors import UserError
 from hft_ray.manifest import FILE as MANIFEST_FILE
@@ -30,7 +30,7 @@ from hft_ray.manifest import Manifest, spec_digest
 from hft_ray.models import load_model, load_tokenizer, meta_model
 from hft_ray.preflight import Prepared
 from hft_ray.selection import model_units, plan_units
-from hft_ray.spec import HFTMethod, PipelineSpec
+from hft_ray.spec import HFTMethod, LoRAMethod, PipelineSpec
 from hft_ray.stage import StageJob, StageResult, run_stage
 from hft_ray.tracking import Tracker
 
@@ -125,12 +125,12 @@ class PipelineRun:
     # -- building blocks -------------------------------------------------------------------------
 
     def _job(self, label: str, checkpoint: str, examples, steps: int, lr: float, seed: int, plan,
-             kind: str = "sft", beta: float = 0.1) -> StageJob:
+             kind: str = "sft", beta: float = 0.1, lora: dict | None = None) -> StageJob:
         t = self.spec.train
         return StageJob(label=label, init_checkpoint=checkpoint, examples=tuple(examples), steps=steps, lr=lr,
                         batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
                         seed=seed, log_every=t.log_every, plan=plan, checkpoint_every=t.checkpoint_every,
-                        kind=kind, beta=beta)
+                        kind=kind, beta=beta, lora=lora)
 
     def _submit_stage(self, job: StageJob, run_name: str, cpus_per_worker: float | None = None):
         t = self.spec.train
@@ -139,6 +139,27 @@ class PipelineRun:
 
     def _submit_eval(self, checkpoint: str):
         return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
+
+    def _stage_examples(self, method: str, index: int):
+        """The stage's training data; with `replay`, mixed with earlier SFT stages' data."""
+        stage = self.spec.stages[index - 1]
+        current = self.domains[stage.domain].train
+        fraction = self.spec.methods[method].replay
+        if stage.kind != "sft" or not fraction:
+            return current
+        earlier = [self.domains[s.domain].train for s in self.spec.stages[:index - 1] if s.kind == "sft"]
+        return mix_replay(current, earlier, fraction, self.spec.seed * 1000 + index)
+
+    def _trained(self, method: str, index: int) -> dict:
+        """What a stage trained, for its selection.json: the plan, or all weights, or adapters."""
+        lora = self._lora(method)
+        if lora:
+            return {"kind": "lora", "trained": "adapters on every linear layer, merged", **lora}
+        return self._plan(method, index) or {"kind": "fft", "trained": "all"}
+
+    def _lora(self, method: str) -> dict | None:
+        config = self.spec.methods[method]
+        return config.model_dump(include={"r", "alpha", "dropout"}) if isinstance(config, LoRAMethod) else None
 
     def _plan(self, method: str, stage: int) -> dict | None:
         """The stage's selection plan as a dict (None for full fine-tuning); a new draw per stage."""
@@ -248,14 +269,17 @@ class PipelineRun:
                     selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
                     selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
                     selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
+                if spec.methods[branch.method].replay and stage.kind == "sft":
+                    selection["replay"] = spec.methods[branch.method].replay
                 entry["run_id"] = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain,
                                                            selection)
                 manifest.save()
             branch.run_ids[index] = entry["run_id"]
             open_runs.append(entry["run_id"])
             label = f"{branch.method} stage {index}/{total} ({stage.domain})"
-            job = self._job(label, branch.checkpoint, self.domains[stage.domain].train, stage.steps,
-                            spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta)
+            job = self._job(label, branch.checkpoint, self._stage_examples(branch.method, index), stage.steps,
+                            spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta,
+                            self._lora(branch.method))
             self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
             pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
 
@@ -273,7 +297,7 @@ class PipelineRun:
                 self.echo(f"[hft-ray] base: {self._row_text(value)}")
             elif kind == "stage":
                 self.tracker.log_training(branch.run_ids[index], value.losses, value.train_s, value.step_s,
-                                          self._plan(branch.method, index))
+                                          self._trained(branch.method, index))
                 manifest.stage(branch.method, index)["checkpoint"] = value.checkpoint
                 manifest.save()
                 self.echo(f"[hft-ray] {branch.method} stage {index}/{total} done: loss {value.losses[-1]:.4f}, "

@@ -70,6 +70,7 @@ class TrainSpec(Strict):
 
 class FFTMethod(Strict):
     kind: Literal["fft"]
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
 
 
 class HFTMethod(Strict):
@@ -77,9 +78,20 @@ class HFTMethod(Strict):
     granularity: Literal[GRANULARITIES] = "category"  # type: ignore[valid-type]
     ratio: float = Field(0.5, gt=0, lt=1)
     select_embeddings: bool = False
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
 
 
-Method = Annotated[FFTMethod | HFTMethod, Field(discriminator="kind")]
+class LoRAMethod(Strict):
+    """Baseline: low-rank adapters on every linear layer of the blocks (peft), merged after each stage."""
+
+    kind: Literal["lora"]
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
+
+
+Method = Annotated[FFTMethod | HFTMethod | LoRAMethod, Field(discriminator="kind")]
 
 
 class EvalSpec(Strict):
@@ -145,7 +157,7 @@ def _cross_problems(data: dict) -> list[str]:
 
 def _format_error(error: dict) -> str:
     loc = list(error["loc"])
-    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft"):
+    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft", "lora"):
         del loc[2]  # the tag of the method union, not a key the user wrote
     key = ".".join(str(part) for part in loc)
     if error["type"] == "extra_forbidden":

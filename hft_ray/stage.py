@@ -20,6 +20,7 @@ from hft_ray.checkpoints import load_checkpoint, load_optimizer, read_json, save
 from hft_ray.data import Example, encode
 from hft_ray.dpo import dpo_step_loss, encode_pairs, with_reference
 from hft_ray.freezing import apply_plan
+from hft_ray.lora import attach_lora, merge_lora
 from hft_ray.selection import SelectionPlan
 from hft_ray.training import batches, make_optimizer, run_steps
 
@@ -42,6 +43,7 @@ class StageJob:
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only the final one)
     kind: str = "sft"          # "dpo": `examples` are Preference pairs, the reference is init_checkpoint
     beta: float = 0.1
+    lora: dict | None = None   # {r, alpha, dropout}: train adapters, merge them at the end
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,14 @@ def stage_worker(config: dict) -> None:
         applied = apply_plan(model, SelectionPlan.from_dict(job.plan)) if job.plan else None
         counts = applied.counts() if applied else {"total": sum(p.numel() for p in model.parameters())}
         counts.setdefault("trainable", counts["total"])
+        if job.lora:
+            model = attach_lora(model, **job.lora)
+            counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = ray.train.torch.prepare_model(model)  # Ray: device placement, DDP when world > 1
         device = next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = make_optimizer(params, job.lr, job.weight_decay, job.steps)
-        if resume:
+        if resume and not job.lora:  # a LoRA stage restarts from its start (no mid-stage checkpoint)
             load_optimizer(folder, optimizer)
     done = progress["step"]
     if resume and rank == 0:
@@ -115,7 +120,7 @@ def stage_worker(config: dict) -> None:
                 if final:
                     files = {"plan.json": job.plan, "train_log.json": {
                         "losses": losses, "train_s": sum(step_times), "step_s": statistics.median(step_times), **counts}}
-                save_into(folder, model, tokenizer, files)
+                save_into(folder, merge_lora(model) if job.lora else model, tokenizer, files)
                 if not final:
                     save_optimizer(folder, optimizer)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)  # Ray
@@ -132,7 +137,7 @@ def stage_worker(config: dict) -> None:
             # Not print(): Ray Train patches it into a logger that echoes each line twice.
             sys.stdout.write(f"[hft-ray] {job.label}: step {step}/{job.steps} loss {loss:.4f}\n")
             sys.stdout.flush()
-        if job.checkpoint_every and step % job.checkpoint_every == 0 and step < job.steps:
+        if job.checkpoint_every and not job.lora and step % job.checkpoint_every == 0 and step < job.steps:
             report(step, final=False)
         last = time.perf_counter()  # checkpoint time is not step time
 

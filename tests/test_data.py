@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hft_ray.data import IGNORE_INDEX, DomainData, Example, encode, load_domain, render_chat
+from hft_ray.data import IGNORE_INDEX, DomainData, Example, encode, load_domain, mix_replay, render_chat
 from hft_ray.domains import BUILTIN_DOMAINS
 from hft_ray.errors import UserError
 from hft_ray.models import char_tokenizer
@@ -199,3 +199,17 @@ def test_preference_rows_load_from_a_file_as_pairs(tmp_path):
     data = load_domain("p", {"path": str(path)}, eval_size=5)
     assert data.is_preference and len(data.train) == 16 and len(data.eval) == 4  # a fifth held out
     assert data.train[0].chosen == " good" and data.train[0].rejected == " bad"
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_replay_makes_up_the_fraction_the_file_says_drawn_from_earlier_domains(fraction):
+    current = [Example(f"U {i}=", "x") for i in range(300)]
+    earlier = [[Example(f"C {i}=", "y") for i in range(50)], [Example(f"M {i}=", "z") for i in range(80)]]
+    mixed = mix_replay(current, earlier, fraction, seed=1)
+    replayed = [e for e in mixed if not e.prompt.startswith("U")]
+    assert len(replayed) / len(mixed) == pytest.approx(fraction, abs=1 / len(mixed))
+    assert mixed[:300] == current, "every current example is kept"
+    by_domain = [sum(e.prompt[0] == p for e in replayed) for p in "CM"]
+    assert abs(by_domain[0] - by_domain[1]) <= 1, "drawn evenly across earlier domains"
+    assert mix_replay(current, earlier, fraction, seed=1) == mixed
+    assert mix_replay(current, [], fraction, seed=1) == current

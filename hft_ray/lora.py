@@ -1,0 +1,26 @@
+"""LoRA as a baseline method (through peft): low-rank adapters on every linear layer of the
+transformer blocks are trained, the base weights are frozen, and at the end of the stage the
+adapters are merged into the weights, so a LoRA stage writes an ordinary checkpoint that the
+next stage (of any method) and the evaluation load like any other."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attach_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float = 0.0) -> torch.nn.Module:
+    """`model` wrapped by peft with fresh adapters; only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model with the adapters folded into its weights."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    merged = model.merge_and_unload()
+    for parameter in merged.parameters():
+        parameter.requires_grad_(True)
+    return merged
