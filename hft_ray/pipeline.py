@@ -140,12 +140,19 @@ class PipelineRun:
     def _submit_eval(self, checkpoint: str):
         return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
 
+    def _replay(self, method: str, index: int) -> float:
+        """The replayed share of stage `index`'s data: the method's `replay` on an SFT stage
+        that has earlier SFT stages to replay, else 0."""
+        stages = self.spec.stages
+        earlier = any(s.kind == "sft" for s in stages[:index - 1])
+        return self.spec.methods[method].replay if stages[index - 1].kind == "sft" and earlier else 0.0
+
     def _stage_examples(self, method: str, index: int):
         """The stage's training data; with `replay`, mixed with earlier SFT stages' data."""
         stage = self.spec.stages[index - 1]
         current = self.domains[stage.domain].train
-        fraction = self.spec.methods[method].replay
-        if stage.kind != "sft" or not fraction:
+        fraction = self._replay(method, index)
+        if not fraction:
             return current
         earlier = [self.domains[s.domain].train for s in self.spec.stages[:index - 1] if s.kind == "sft"]
         return mix_replay(current, earlier, fraction, self.spec.seed * 1000 + index)
@@ -269,8 +276,9 @@ class PipelineRun:
                     selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
                     selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
                     selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
-                if spec.methods[branch.method].replay and stage.kind == "sft":
-                    selection["replay"] = spec.methods[branch.method].replay
+                selection.update(self._lora(branch.method) or {})
+                if self._replay(branch.method, index):
+                    selection["replay"] = self._replay(branch.method, index)
                 entry["run_id"] = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain,
                                                            selection)
                 manifest.save()
