@@ -20,3 +20,29 @@ TINY_MODELS = sorted(BUILTIN_CONFIGS)
 def tiny_model(request):
     """Each built-in tiny architecture, with weights, in eval mode (no dropout)."""
     return load_model(f"builtin:{request.param}", seed=0).eval()
+
+
+def _run_pipeline(folder, pipeline_text: str, *args: str):
+    """`hft-ray run --json` of `pipeline_text` in `folder` on real Ray and MLflow:
+    (the JSON it prints, an MlflowClient, the child runs, its stderr)."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    (folder / "p.yaml").write_text(pipeline_text)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    result = subprocess.run([sys.executable, "-m", "hft_ray", "run", "p.yaml", "--tracking-uri", uri, "--json", *args],
+                            capture_output=True, text=True, timeout=900, cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    client = MlflowClient(uri)
+    experiment = client.get_run(out["parent_run_id"]).info.experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+    return out, client, children, result.stderr
+
+
+@pytest.fixture
+def run_pipeline():
+    return _run_pipeline

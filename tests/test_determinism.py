@@ -2,10 +2,6 @@
 two real `hft-ray run`s, compared through MLflow."""
 
 import json
-import subprocess
-import sys
-
-from mlflow.tracking import MlflowClient
 
 PIPELINE = """\
 name: determinism
@@ -21,25 +17,19 @@ eval: {metric: token_accuracy, max_new_tokens: 8, max_examples: 16}
 """
 
 
-def run_once(folder):
-    (folder / "p.yaml").write_text(PIPELINE)
-    uri = f"sqlite:///{folder}/mlflow.db"
-    result = subprocess.run([sys.executable, "-m", "hft_ray", "run", "p.yaml", "--tracking-uri", uri, "--json"],
-                            capture_output=True, text=True, timeout=600, cwd=folder)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
-    client = MlflowClient(uri)
-    (stage,) = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+def run_once(run_pipeline, folder):
+    _, client, (stage,), _ = run_pipeline(folder, PIPELINE)
     plan = json.loads(open(client.download_artifacts(stage.info.run_id, "selection.json", str(folder))).read())
     losses = [m.value for m in client.get_metric_history(stage.info.run_id, "train/loss")]
-    return out["methods"]["hft"]["matrix"], plan["trained"], losses
+    matrix = json.loads(open(client.download_artifacts(stage.data.tags["mlflow.parentRunId"], "forgetting/hft.json",
+                                                       str(folder))).read())
+    return matrix, plan["trained"], losses
 
 
-def test_same_pipeline_and_seed_give_the_same_plan_losses_and_matrix(tmp_path):
+def test_same_pipeline_and_seed_give_the_same_plan_losses_and_matrix(tmp_path, run_pipeline):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first, second = run_once(tmp_path / "a"), run_once(tmp_path / "b")
+    first, second = run_once(run_pipeline, tmp_path / "a"), run_once(run_pipeline, tmp_path / "b")
     assert first[1] == second[1], "the same selection plan"
     assert len(first[2]) == 12 and first[2] == second[2], "the same loss at every step"
     assert first[0] == second[0], "the same forgetting matrix"

@@ -2,11 +2,7 @@
 DPO stage, under HFT+replay and under LoRA."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-
-from mlflow.tracking import MlflowClient
 
 PIPELINE = """\
 name: methods
@@ -27,16 +23,8 @@ eval: {metric: token_accuracy, max_new_tokens: 8, max_examples: 16}
 """
 
 
-def test_hft_with_replay_and_lora_run_sft_and_dpo_stages(tmp_path):
-    (tmp_path / "p.yaml").write_text(PIPELINE)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = subprocess.run([sys.executable, "-m", "hft_ray", "run", "p.yaml", "--tracking-uri", uri, "--json"],
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+def test_hft_with_replay_and_lora_run_sft_and_dpo_stages(tmp_path, run_pipeline):
+    out, client, runs, stderr = run_pipeline(tmp_path, PIPELINE)
     stages = {(r.data.tags["hft.method"], int(r.data.tags["hft.stage"])): r for r in runs}
     assert len(stages) == 6 and all(r.info.status == "FINISHED" for r in runs)
     assert stages[("hft_replay", 2)].data.params["replay"] == "0.25", "replay on a later SFT stage"
@@ -51,4 +39,4 @@ def test_hft_with_replay_and_lora_run_sft_and_dpo_stages(tmp_path):
     selection = json.loads(Path(client.download_artifacts(stages[("lora", 1)].info.run_id, "selection.json",
                                                           str(tmp_path))).read_text())
     assert selection["kind"] == "lora" and selection["r"] == 4
-    assert "% of parameters trained" in result.stderr
+    assert "% of parameters trained" in stderr
