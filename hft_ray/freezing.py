@@ -80,3 +80,34 @@ class AppliedPlan:
 def apply_plan(model: torch.nn.Module, plan: SelectionPlan) -> AppliedPlan:
     """Freeze what `plan` freezes. Build the optimizer from `.trainable_parameters()` after this."""
     return AppliedPlan(model, plan)
+
+
+class PeriodicSelection:
+    """Periodic re-selection within a stage (LISA-like): every `every` optimizer steps a new
+    plan (the same rule, the stage's next draw) replaces the one in force.
+
+    The optimizer must hold every parameter a plan may train: AdamW skips a parameter whose
+    gradient is None, so what a period freezes is not touched in that period (whole tensors get
+    no gradient; masked entries are zeroed and restored as under one plan)."""
+
+    def __init__(self, model: torch.nn.Module, plan: SelectionPlan, every: int, optimizer, start_step: int = 0):
+        self.model, self.plan, self.every, self.optimizer = model, plan, every, optimizer
+        self.applied = self._apply(start_step // every)
+
+    def plan_for(self, period: int) -> SelectionPlan:
+        from hft_ray.selection import plan_units
+
+        p = self.plan
+        return plan_units(p.units, p.model_type, p.granularity, p.ratio, p.seed, p.stage, p.select_embeddings,
+                          period=period)
+
+    def _apply(self, period: int) -> AppliedPlan:
+        applied = apply_plan(self.model, self.plan_for(period))
+        applied.attach(self.optimizer)
+        return applied
+
+    def after_step(self, step: int) -> None:
+        """Call after optimizer step `step` (1-based): at a period's end, draw the next plan."""
+        if step % self.every == 0:
+            self.applied.remove()
+            self.applied = self._apply(step // self.every)

@@ -125,12 +125,12 @@ class PipelineRun:
     # -- building blocks -------------------------------------------------------------------------
 
     def _job(self, label: str, checkpoint: str, examples, steps: int, lr: float, seed: int, plan,
-             kind: str = "sft", beta: float = 0.1, lora: dict | None = None) -> StageJob:
+             kind: str = "sft", beta: float = 0.1, lora: dict | None = None, reselect_every: int = 0) -> StageJob:
         t = self.spec.train
         return StageJob(label=label, init_checkpoint=checkpoint, examples=tuple(examples), steps=steps, lr=lr,
                         batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
                         seed=seed, log_every=t.log_every, plan=plan, checkpoint_every=t.checkpoint_every,
-                        kind=kind, beta=beta, lora=lora)
+                        kind=kind, beta=beta, lora=lora, reselect_every=reselect_every)
 
     def _submit_stage(self, job: StageJob, run_name: str, cpus_per_worker: float | None = None):
         t = self.spec.train
@@ -277,6 +277,8 @@ class PipelineRun:
                     selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
                     selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
                 selection.update(self._lora(branch.method) or {})
+                if getattr(spec.methods[branch.method], "reselect_every", 0):
+                    selection["reselect_every"] = spec.methods[branch.method].reselect_every
                 if self._replay(branch.method, index):
                     selection["replay"] = self._replay(branch.method, index)
                 entry["run_id"] = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain,
@@ -287,7 +289,7 @@ class PipelineRun:
             label = f"{branch.method} stage {index}/{total} ({stage.domain})"
             job = self._job(label, branch.checkpoint, self._stage_examples(branch.method, index), stage.steps,
                             spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta,
-                            self._lora(branch.method))
+                            self._lora(branch.method), getattr(spec.methods[branch.method], "reselect_every", 0))
             self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
             pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
 

@@ -82,6 +82,10 @@ def _check_kinds(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str
         if stage.kind == "sft" and preference:
             problems.append(f"stages.{index}.kind: domain {stage.domain!r} holds preference pairs; "
                             "train it with kind: dpo")
+    periodic = [name for name, method in spec.methods.items() if getattr(method, "reselect_every", 0)]
+    if periodic and spec.train.workers > 1:
+        problems.append(f"methods.{periodic[0]}.reselect_every: periodic re-selection runs on one worker; "
+                        f"set train.workers: 1 (it is {spec.train.workers})")
     for index, name in enumerate(spec.pretrain.domains if spec.pretrain else []):
         if domains[name].is_preference:
             problems.append(f"pretrain.domains.{index}: {name!r} holds preference pairs; pretraining is SFT")

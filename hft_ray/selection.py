@@ -54,6 +54,7 @@ class SelectionPlan:
     units: tuple[Unit, ...]
     # Keys of the units trained whole. At element granularity, those not under selection.
     trained: frozenset[str] = field(default_factory=frozenset)
+    period: int = 0  # periodic re-selection within a stage: the n-th draw of the stage (0: the first)
 
     def is_selectable(self, unit: Unit) -> bool:
         return self.select_embeddings or unit.role not in TOP_LEVEL
@@ -91,7 +92,8 @@ class SelectionPlan:
         }
 
     def _param_seed(self, name: str) -> int:
-        digest = hashlib.sha256(f"hft:{self.seed}:{self.stage}:{name}".encode()).hexdigest()
+        period = f":{self.period}" if self.period else ""
+        digest = hashlib.sha256(f"hft:{self.seed}:{self.stage}:{name}{period}".encode()).hexdigest()
         return int(digest[:15], 16)
 
     # -- reporting -----------------------------------------------------------------------------
@@ -134,6 +136,7 @@ class SelectionPlan:
             "seed": self.seed,
             "stage": self.stage,
             "select_embeddings": self.select_embeddings,
+            "period": self.period,
             "trained": sorted(self.trained),
             "units": [
                 {
@@ -172,6 +175,7 @@ class SelectionPlan:
             select_embeddings=data["select_embeddings"],
             units=units,
             trained=frozenset(data["trained"]),
+            period=data.get("period", 0),
         )
 
 
@@ -211,16 +215,18 @@ def plan_units(
     seed: int = 0,
     stage: int = 0,
     select_embeddings: bool = False,
+    period: int = 0,
 ) -> SelectionPlan:
-    """The selection rule over role-mapped units (see shared/DESIGN.md, 'The selection')."""
+    """The selection rule over role-mapped units (see shared/DESIGN.md, 'The selection').
+    `period` > 0 draws the stage's n-th plan for periodic re-selection within a stage."""
     problems = validate_selection_args(granularity, ratio)
     if problems:
         raise UserError(*problems)
     units = tuple(units)
     # A string seed makes random.Random hash it with SHA-512: stable across runs and platforms.
-    rng = random.Random(f"hft:{seed}:{stage}:{granularity}:{ratio}")
+    rng = random.Random(f"hft:{seed}:{stage}:{granularity}:{ratio}" + (f":{period}" if period else ""))
     plan = dict(model_type=model_type, granularity=granularity, ratio=float(ratio), seed=seed,
-                stage=stage, select_embeddings=select_embeddings, units=units)
+                stage=stage, select_embeddings=select_embeddings, units=units, period=period)
     in_layers = [u for u in units if u.layer is not None]
     top = [u for u in units if u.layer is None]
     always = set() if select_embeddings else {u.key for u in top}

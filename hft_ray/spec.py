@@ -79,6 +79,7 @@ class HFTMethod(Strict):
     ratio: float = Field(0.5, gt=0, lt=1)
     select_embeddings: bool = False
     replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
+    reselect_every: int = Field(0, ge=0, description="draw a new plan every N steps within a stage (0: one per stage)")
 
 
 class LoRAMethod(Strict):

@@ -19,7 +19,7 @@ import torch
 from hft_ray.checkpoints import load_checkpoint, load_optimizer, read_json, save_into, save_optimizer
 from hft_ray.data import Example, encode
 from hft_ray.dpo import dpo_step_loss, encode_pairs, with_reference
-from hft_ray.freezing import apply_plan
+from hft_ray.freezing import PeriodicSelection, apply_plan
 from hft_ray.lora import attach_lora, merge_lora
 from hft_ray.selection import SelectionPlan
 from hft_ray.training import batches, make_optimizer, run_steps
@@ -44,6 +44,7 @@ class StageJob:
     kind: str = "sft"          # "dpo": `examples` are Preference pairs, the reference is init_checkpoint
     beta: float = 0.1
     lora: dict | None = None   # {r, alpha, dropout}: train adapters, merge them at the end
+    reselect_every: int = 0    # HFT: a new plan every N steps within the stage (one worker)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def stage_worker(config: dict) -> None:
             counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = ray.train.torch.prepare_model(model)  # Ray: device placement, DDP when world > 1
         device = next(model.parameters()).device
-        params = [p for p in model.parameters() if p.requires_grad]
+        # Periodic re-selection (one worker, checked before start): the optimizer holds every
+        # parameter and AdamW skips those a period freezes (their gradient is None).
+        params = [p for p in model.parameters() if p.requires_grad or (applied and job.reselect_every)]
         optimizer, scheduler = make_optimizer(params, job.lr, job.weight_decay, job.steps)
         if resume and not job.lora:  # a LoRA stage restarts from its start (no mid-stage checkpoint)
             load_optimizer(folder, optimizer)
@@ -94,7 +97,11 @@ def stage_worker(config: dict) -> None:
         sys.stdout.write(f"[hft-ray] {job.label}: resuming at step {done + 1} after a worker failure\n")
     for _ in range(done):
         scheduler.step()
-    if applied:
+    periodic = None
+    if applied and job.reselect_every:
+        applied.remove()
+        periodic = PeriodicSelection(model, applied.plan, job.reselect_every, optimizer, start_step=done)
+    elif applied:
         applied.attach(optimizer)
     loss_fn = None
     if job.kind == "dpo":
@@ -139,6 +146,8 @@ def stage_worker(config: dict) -> None:
             sys.stdout.flush()
         if job.checkpoint_every and not job.lora and step % job.checkpoint_every == 0 and step < job.steps:
             report(step, final=False)
+        if periodic and step < job.steps:
+            periodic.after_step(step)
         last = time.perf_counter()  # checkpoint time is not step time
 
     run_steps(model, optimizer, scheduler, data, job.steps, on_step=on_step, start=done, loss_fn=loss_fn)

@@ -69,7 +69,8 @@ Granularity = Literal[GRANULARITIES]  # type: ignore[valid-type]
 
 # Which samplers each key takes (a list, i.e. a grid, is always allowed).
 _SAMPLERS = {"granularity": ("choice",), "ratio": ("choice", "uniform"), "lr": ("choice", "loguniform"),
-             "seed": ("choice",), "select_embeddings": ("choice",)}
+             "seed": ("choice",), "select_embeddings": ("choice",), "reselect_every": ("choice",)}
+SEARCHED = tuple(_SAMPLERS)  # the keys a space may search
 
 
 class Space(Strict):
@@ -80,6 +81,8 @@ class Space(Strict):
     lr: list[Annotated[float, Field(gt=0)]] | Sampler | None = Field(None, description="default: the pipeline's")
     seed: list[int] | Sampler | None = Field(None, description="selection seed; default: the pipeline's seed")
     select_embeddings: list[bool] | Sampler | None = None
+    reselect_every: list[Annotated[int, Field(ge=0)]] | Sampler | None = Field(
+        None, description="periodic re-selection: a new plan every N steps (0: one plan per stage)")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -100,11 +103,13 @@ class Space(Strict):
                    "ratio": lambda v: not isinstance(v, (int, float)) or not 0 < v < 1,
                    "lr": lambda v: not isinstance(v, (int, float)) or v <= 0,
                    "seed": lambda v: not isinstance(v, int) or isinstance(v, bool),
-                   "select_embeddings": lambda v: not isinstance(v, bool)}[info.field_name]
+                   "select_embeddings": lambda v: not isinstance(v, bool),
+                   "reselect_every": lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0}[info.field_name]
             wrong = [v for v in value.choice if bad(v)]
             if wrong:
                 valid = {"granularity": ", ".join(GRANULARITIES), "ratio": "numbers in (0, 1)", "lr": "numbers > 0",
-                         "seed": "integers", "select_embeddings": "true or false"}[info.field_name]
+                         "seed": "integers", "select_embeddings": "true or false",
+                         "reselect_every": "integers >= 0"}[info.field_name]
                 raise ValueError(f"choice: {wrong!r} not valid; use {valid}")
         if value.uniform is not None and not value.uniform[1] < 1:
             raise ValueError(f"uniform: {list(value.uniform)!r}; a ratio needs 0 < low < high < 1")
@@ -157,8 +162,7 @@ def _format_error(error: dict) -> str:
         del loc[1]  # the tag of the scheduler union
     key = ".".join(loc) or "(top)"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; valid keys: pipeline, set, space (granularity, ratio, lr, seed, " \
-               f"select_embeddings), objective (metric, bwt_weight, mode), num_samples, max_concurrent, " \
+        return f"{key}: unknown key; valid keys: pipeline, set, space ({', '.join(SEARCHED)}), objective (metric, bwt_weight, mode), num_samples, max_concurrent, " \
                f"scheduler (kind, grace_period, reduction_factor)"
     if error["type"] == "value_error":
         message = str(error["msg"]).removeprefix("Value error, ")
@@ -242,6 +246,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> LoadedSpace:
         if space.objective.metric == "heldout_delta" and set(spec.domains) <= trained:
             problems.append("objective.metric: 'heldout_delta' needs a domain no stage trains; "
                             f"the pipeline trains all of {', '.join(spec.domains)}")
+        if space.space.reselect_every is not None and spec.train.workers > 1:
+            problems.append(f"space.reselect_every: periodic re-selection runs on one worker; the pipeline has "
+                            f"train.workers: {spec.train.workers}; add set: {{train.workers: 1}}")
         if space.objective.metric in ("BWT", "forgetting", "OP+BWT") and len(spec.stages) < 2:
             problems.append(f"objective.metric: {space.objective.metric!r} needs 2 or more stages; "
                             f"the pipeline has {len(spec.stages)}; use OP")
@@ -320,7 +327,8 @@ def run_trial(config: dict, context: TrialContext) -> None:
                        examples=context.train_sets[stage.domain], steps=stage.steps, lr=lr,
                        batch_size=train.batch_size, max_length=train.max_length, weight_decay=train.weight_decay,
                        seed=seed * 1000 + index, log_every=train.log_every, plan=plan,
-                       checkpoint_every=train.checkpoint_every, kind=stage.kind, beta=stage.beta)
+                       checkpoint_every=train.checkpoint_every, kind=stage.kind, beta=stage.beta,
+                       reselect_every=config.get("reselect_every", 0))
         # A unique name per TorchTrainer run: reusing (storage, name) would resume an old run.
         result = run_stage(job, context.storage, f"{context.search_name}-{trial_id}-stage{index}",
                            train.workers, train.cpus_per_worker, train.use_gpu, train.max_failures)
@@ -438,7 +446,7 @@ class TuneResult:
                 "best": self.best, "best_pipeline": self.best_pipeline}
 
 
-RESULT_COLUMNS = ("trial_id", "granularity", "ratio", "lr", "seed", "select_embeddings", "status", "stages_done",
+RESULT_COLUMNS = ("trial_id", *SEARCHED, "status", "stages_done",
                   "objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta", "run_id")
 
 
@@ -516,8 +524,7 @@ def _search(loaded: LoadedSpace, prepared, tracker, parent_id: str, num_samples:
     for trial_id, config in logger.configs.items():
         last = logger.last.get(trial_id, {})
         rows.append({
-            "trial_id": trial_id, **{k: config.get(k, "") for k in ("granularity", "ratio", "lr", "seed",
-                                                                     "select_embeddings")},
+            "trial_id": trial_id, **{k: config.get(k, "") for k in SEARCHED},
             "status": logger.outcome.get(trial_id, "error"), "stages_done": last.get("stage", 0),
             **{k: last.get(k, "") for k in ("objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta")},
             "run_id": logger.run_ids[trial_id],
@@ -535,7 +542,7 @@ def _search(loaded: LoadedSpace, prepared, tracker, parent_id: str, num_samples:
         objective_vs_ratio(rows, plot, f"{spec.name}: {space.objective.metric} ({mode}) vs ratio")
         tracker.log_file(parent_id, plot)
     if best is not None:
-        best_config = {k: best[k] for k in ("granularity", "ratio", "lr", "seed", "select_embeddings") if best[k] != ""}
+        best_config = {k: best[k] for k in SEARCHED if best[k] != ""}
         tracker.log_json(parent_id, {"config": best_config, "objective": best["objective"],
                                      "trial_id": best["trial_id"], "run_id": best["run_id"]}, "best_config.json")
         tracker.log_params(parent_id, {f"best.{k}": v for k, v in best_config.items()})
@@ -561,6 +568,8 @@ def best_pipeline_text(loaded: LoadedSpace, config: dict) -> str:
     best = {"kind": "hft", "granularity": config["granularity"], "ratio": float(config["ratio"])}
     if config.get("select_embeddings"):
         best["select_embeddings"] = True
+    if config.get("reselect_every"):
+        best["reselect_every"] = int(config["reselect_every"])
     data["methods"] = {"fft": {"kind": "fft"}, "best": best}
     if "lr" in config:
         data.setdefault("train", {})["lr"] = float(config["lr"])

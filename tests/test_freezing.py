@@ -91,3 +91,40 @@ def test_half_reset_restores_exactly_the_selected_half(granularity):
         assert torch.equal(param[selected], base[name][selected])
         assert torch.equal(param[~selected], tuned[name][~selected])
     assert reset == expected and 0 < reset < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("granularity", ["category", "element"])
+def test_periodic_reselection_draws_a_new_plan_every_k_steps_and_keeps_each_periods_frozen_entries(granularity):
+    from hft_ray.data import encode, load_domain
+    from hft_ray.freezing import PeriodicSelection
+    from hft_ray.models import char_tokenizer
+    from hft_ray.training import batches, make_optimizer, run_steps
+
+    model = load_model("builtin:tiny-llama", seed=0)
+    data = encode(load_domain("u", "builtin:upper", seed=0, eval_size=8, train_size=128).train, char_tokenizer(), 32)
+    optimizer, scheduler = make_optimizer(model.parameters(), 1e-2, 0.1, 12)  # every parameter, weight decay on
+    periodic = PeriodicSelection(model, select(model, granularity, 0.5, seed=0, stage=1), every=4, optimizer=optimizer)
+    plans = [periodic.applied.plan]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step(step, loss):
+        nonlocal start
+        if step % 4:
+            return
+        moved = False
+        for name, mask in plans[-1].param_masks().items():
+            now, before = dict(model.named_parameters())[name].detach(), start[name]
+            frozen = ~mask if isinstance(mask, torch.Tensor) else torch.full_like(now, not mask, dtype=torch.bool)
+            assert torch.equal(now[frozen], before[frozen]), f"period {len(plans)}: {name} frozen entries moved"
+            moved |= not torch.equal(now[~frozen], before[~frozen])
+        assert moved, "the trained entries did train"
+        periodic.after_step(step)
+        plans.append(periodic.applied.plan)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    run_steps(model, optimizer, scheduler, batches(data, 16, 0), 12, on_step=on_step)
+    assert [p.period for p in plans] == [0, 1, 2, 3]
+    masks = [p.param_masks() for p in plans[:3]]
+    assert masks[0] != masks[1] if granularity == "category" else any(
+        not torch.equal(masks[0][n], masks[1][n]) for n in masks[0] if isinstance(masks[0][n], torch.Tensor))
+    assert plans[0].trained == select(model, granularity, 0.5, seed=0, stage=1).trained, "period 0 is the stage's plan"

@@ -1,5 +1,5 @@
 """Every method and stage kind end to end on real Ray and MLflow: SFT, SFT with replay, and a
-DPO stage, under HFT+replay and under LoRA."""
+DPO stage, under HFT+replay with periodic re-selection and under LoRA."""
 
 import json
 from pathlib import Path
@@ -17,7 +17,7 @@ stages:
   - {domain: prefer, kind: dpo, steps: 6, beta: 0.5}
 train: {lr: 2.0e-3, batch_size: 16, max_length: 32, log_every: 3, cpus_per_worker: 0.5}
 methods:
-  hft_replay: {kind: hft, ratio: 0.5, replay: 0.25}
+  hft_replay: {kind: hft, ratio: 0.5, replay: 0.25, reselect_every: 3}
   lora: {kind: lora, r: 4, alpha: 8}
 eval: {metric: token_accuracy, max_new_tokens: 8, max_examples: 16}
 """
@@ -28,6 +28,7 @@ def test_hft_with_replay_and_lora_run_sft_and_dpo_stages(tmp_path, run_pipeline)
     stages = {(r.data.tags["hft.method"], int(r.data.tags["hft.stage"])): r for r in runs}
     assert len(stages) == 6 and all(r.info.status == "FINISHED" for r in runs)
     assert stages[("hft_replay", 2)].data.params["replay"] == "0.25", "replay on a later SFT stage"
+    assert stages[("hft_replay", 1)].data.params["reselect_every"] == "3"
     assert "replay" not in stages[("hft_replay", 1)].data.params, "nothing to replay before stage 2"
     assert "replay" not in stages[("hft_replay", 3)].data.params, "not into DPO pairs"
     for method in ("hft_replay", "lora"):
