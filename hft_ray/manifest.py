@@ -50,8 +50,9 @@ class Manifest:
 
     def finished_stages(self, method: str) -> int:
         """How many stages of `method`, from the first, have a checkpoint."""
+        stages = self.branches.get(method, {}).get("stages", {})
         done = 0
-        while self.stage(method, done + 1).get("checkpoint"):
+        while stages.get(str(done + 1), {}).get("checkpoint"):
             done += 1
         return done
 
