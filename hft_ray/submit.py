@@ -133,6 +133,10 @@ def _wait_for_run_id(client, job_id: str) -> str | None:
     return None
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def submit(kind: str, path: str, address: str, *, overrides: list[str], tracking_uri: str,
            storage_path: str | None, extra_args: list[str], wait: bool) -> int:
     problems, client, submission = [], None, None
@@ -149,28 +153,31 @@ def submit(kind: str, path: str, address: str, *, overrides: list[str], tracking
             raise UserError(*problems)
         job_id = f"hft-ray-{submission.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         # The bundle is uploaded here; the folder can go once submit_job returns.
-        client.submit_job(entrypoint=submission.entrypoint, submission_id=job_id,
-                          runtime_env={"working_dir": str(submission.bundle)},
-                          metadata={"hft.kind": kind, "hft.pipeline": submission.name})
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"hft-ray: submitted job {job_id} to {address}: {submission.entrypoint}")
+        try:
+            client.submit_job(entrypoint=submission.entrypoint, submission_id=job_id,
+                              runtime_env={"working_dir": str(submission.bundle)},
+                              metadata={"hft.kind": kind, "hft.pipeline": submission.name})
+        except Exception as error:  # the upload or the request: Ray raises several types
+            _say(f"hft-ray: the cluster did not take the job: {str(error).strip().splitlines()[0]}")
+            return 1
+    _say(f"hft-ray: submitted job {job_id} to {address}: {submission.entrypoint}")
     for name in submission.carried:
-        say(f"hft-ray: carried {name} with the job")
+        _say(f"hft-ray: carried {name} with the job")
     if wait:
         try:
             run_id = asyncio.run(_stream(client, job_id, lambda text: print(text, end="", flush=True)))
         except KeyboardInterrupt:
-            say(f"hft-ray: stopped following; job {job_id} goes on (stop it with: "
+            _say(f"hft-ray: stopped following; job {job_id} goes on (stop it with: "
                 f"ray job stop --address {address} {job_id})")
             return 130
         info = client.get_job_info(job_id)
         code = job_exit_code(info)
-        say(f"hft-ray: job {job_id} {info.status}" + (f": {info.message}" if code else ""))
+        _say(f"hft-ray: job {job_id} {info.status}" + (f": {info.message}" if code else ""))
     else:
         run_id = _wait_for_run_id(client, job_id)
         info = client.get_job_info(job_id)
         code = job_exit_code(info) if info.status.is_terminal() else 0
-        say(f"hft-ray: follow it with: ray job logs --follow --address {address} {job_id}")
+        _say(f"hft-ray: follow it with: ray job logs --follow --address {address} {job_id}")
     print(f"job: {job_id}")
     print(f"mlflow run: {run_id or 'not named by the job'}")
     return code
