@@ -267,6 +267,8 @@ class PipelineRun:
             index = branch.done + 1
             stage = spec.stages[index - 1]
             plan = self._plan(branch.method, index)
+            lora, replay = self._lora(branch.method), self._replay(branch.method, index)
+            reselect_every = getattr(spec.methods[branch.method], "reselect_every", 0)
             entry = manifest.stage(branch.method, index)
             if entry.get("run_id"):  # its training died with the driver: train again, same child run
                 self.tracker.reopen(entry["run_id"], manifest.attempt)
@@ -276,11 +278,11 @@ class PipelineRun:
                     selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
                     selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
                     selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
-                selection.update(self._lora(branch.method) or {})
-                if getattr(spec.methods[branch.method], "reselect_every", 0):
-                    selection["reselect_every"] = spec.methods[branch.method].reselect_every
-                if self._replay(branch.method, index):
-                    selection["replay"] = self._replay(branch.method, index)
+                selection.update(lora or {})
+                if reselect_every:
+                    selection["reselect_every"] = reselect_every
+                if replay:
+                    selection["replay"] = replay
                 entry["run_id"] = self.tracker.start_stage(self.parent_id, branch.method, index, stage.domain,
                                                            selection)
                 manifest.save()
@@ -289,7 +291,7 @@ class PipelineRun:
             label = f"{branch.method} stage {index}/{total} ({stage.domain})"
             job = self._job(label, branch.checkpoint, self._stage_examples(branch.method, index), stage.steps,
                             spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta,
-                            self._lora(branch.method), getattr(spec.methods[branch.method], "reselect_every", 0))
+                            lora, reselect_every)
             self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
             pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
 
