@@ -3,10 +3,11 @@
 
     {"spec_sha256", "parent_run_id", "attempt",
      "base": {"checkpoint", "scores"},
-     "branches": {method: {"stages": {"1": {"run_id", "checkpoint", "row"}, ...}}}}
+     "branches": {method: {"stages": {"1": {"importance", "run_id", "checkpoint", "row"}, ...}}}}
 
-A stage entry gains `run_id` when its child run is created, `checkpoint` when its training has
-finished (Ray Train has persisted that checkpoint whole), and `row` when it has been evaluated.
+A stage entry gains `importance` when its unit scores are measured (importance-aware selection),
+`run_id` when its child run is created, `checkpoint` when its training has finished (Ray Train
+has persisted that checkpoint whole), and `row` when it has been evaluated.
 """
 
 from __future__ import annotations

@@ -69,6 +69,13 @@ def _stage_task(job: StageJob, storage: str, run_name: str, workers: int, cpus: 
     return run_stage(job, storage, run_name, workers, cpus, gpu, max_failures)
 
 
+@ray.remote
+def _importance_task(checkpoint: str, units: list, earlier: list, settings: dict) -> dict[str, float]:
+    from hft_ray.importance import measure
+
+    return measure(checkpoint, units, earlier, **settings)
+
+
 @ray.remote(num_cpus=1)
 def _eval_task(checkpoint: str, eval_sets: dict[str, list[Example]], settings: dict) -> dict[str, dict[str, float]]:
     import torch
@@ -169,15 +176,31 @@ class PipelineRun:
         return config.model_dump(include={"r", "alpha", "dropout"}) if isinstance(config, LoRAMethod) else None
 
     def _plan(self, method: str, stage: int) -> dict | None:
-        """The stage's selection plan as a dict (None for full fine-tuning); a new draw per stage."""
+        """The stage's selection plan as a dict (None for full fine-tuning); a new draw per stage.
+        The importance strategy needs the stage's scores first (`_needs_importance`)."""
         config = self.spec.methods[method]
         if not isinstance(config, HFTMethod):
             return None
         if (method, stage) not in self.plans:
+            scores = self.manifest.stage(method, stage).get("importance")
             self.plans[(method, stage)] = plan_units(
                 self.units, self.model_type, config.granularity, config.ratio, self.spec.seed, stage,
-                config.select_embeddings).to_dict()
+                config.select_embeddings, scores=scores).to_dict()
         return self.plans[(method, stage)]
+
+    def _needs_importance(self, method: str, stage: int) -> bool:
+        """An importance-aware stage with earlier domains to protect whose scores are not measured yet."""
+        config = self.spec.methods[method]
+        return (getattr(config, "strategy", "random") == "importance" and bool(self.spec.earlier_domains(stage))
+                and "importance" not in self.manifest.stage(method, stage))
+
+    def _submit_importance(self, method: str, stage: int, checkpoint: str):
+        t, config = self.spec.train, self.spec.methods[method]
+        earlier = [self.domains[name].train for name in self.spec.earlier_domains(stage)]
+        settings = {"batches": config.importance_batches, "batch_size": t.batch_size, "max_length": t.max_length,
+                    "seed": self.spec.seed * 1000 + stage}
+        task = _importance_task.options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0)
+        return task.remote(checkpoint, self.units, earlier, settings)
 
     def _ray_name(self, what: str) -> str:
         """A unique Ray Train run name (reusing one resumes that old run), new per attempt."""
@@ -266,6 +289,15 @@ class PipelineRun:
         def submit_next(branch: Branch) -> None:
             index = branch.done + 1
             stage = spec.stages[index - 1]
+            if self._needs_importance(branch.method, index):
+                self.echo(f"[hft-ray] {branch.method} stage {index}/{total}: measuring importance on "
+                          f"{', '.join(spec.earlier_domains(index))}")
+                pending[self._submit_importance(branch.method, index, branch.checkpoint)] = ("importance", branch, index)
+                return
+            if getattr(spec.methods[branch.method], "strategy", "") == "importance" and index == 1 \
+                    and not spec.earlier_domains(index):
+                self.echo(f"[hft-ray] {branch.method} stage 1/{total}: nothing learnt earlier to protect "
+                          "(no pretrain block): a random draw")
             plan = self._plan(branch.method, index)
             lora, replay = self._lora(branch.method), self._replay(branch.method, index)
             reselect_every = getattr(spec.methods[branch.method], "reselect_every", 0)
@@ -275,7 +307,7 @@ class PipelineRun:
             else:
                 selection = {"kind": spec.methods[branch.method].kind}
                 if plan:
-                    selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage")})
+                    selection.update({k: plan[k] for k in ("granularity", "ratio", "seed", "stage", "strategy")})
                     selection["trained_fraction_by_params"] = plan["fractions"]["by_params"]["overall"]
                     selection["trained_fraction_by_matrices"] = plan["fractions"]["by_matrices"]["overall"]
                 selection.update(lora or {})
@@ -307,6 +339,13 @@ class PipelineRun:
                 base_scores = manifest.base["scores"] = value
                 manifest.save()
                 self.echo(f"[hft-ray] base: {self._row_text(value)}")
+            elif kind == "importance":
+                manifest.stage(branch.method, index)["importance"] = value
+                manifest.save()
+                top = sorted(value, key=value.get, reverse=True)[:3]
+                self.echo(f"[hft-ray] {branch.method} stage {index}/{total}: most important to earlier domains: "
+                          f"{', '.join(top)}")
+                submit_next(branch)
             elif kind == "stage":
                 self.tracker.log_training(branch.run_ids[index], value.losses, value.train_s, value.step_s,
                                           self._trained(branch.method, index))

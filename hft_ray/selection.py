@@ -19,6 +19,7 @@ from hft_ray.errors import UserError
 from hft_ray.roles import TOP_LEVEL, Geometry, Part, Unit, assign_roles, role_group
 
 GRANULARITIES = ("category", "layer", "model", "element")
+STRATEGIES = ("random", "importance")
 
 # What a parameter's plan says: train all of it, none of it, or the entries of a bool mask.
 ParamMask = bool | torch.Tensor
@@ -55,6 +56,10 @@ class SelectionPlan:
     # Keys of the units trained whole. At element granularity, those not under selection.
     trained: frozenset[str] = field(default_factory=frozenset)
     period: int = 0  # periodic re-selection within a stage: the n-th draw of the stage (0: the first)
+    # "random": the paper's draw. "importance": the least important units train (see
+    # hft_ray/importance.py); `importance` holds every unit's score.
+    strategy: str = "random"
+    importance: Mapping[str, float] | None = field(default=None, compare=False)
 
     def is_selectable(self, unit: Unit) -> bool:
         return self.select_embeddings or unit.role not in TOP_LEVEL
@@ -137,6 +142,8 @@ class SelectionPlan:
             "stage": self.stage,
             "select_embeddings": self.select_embeddings,
             "period": self.period,
+            "strategy": self.strategy,
+            **({"importance": dict(sorted(self.importance.items()))} if self.importance else {}),
             "trained": sorted(self.trained),
             "units": [
                 {
@@ -176,6 +183,8 @@ class SelectionPlan:
             units=units,
             trained=frozenset(data["trained"]),
             period=data.get("period", 0),
+            strategy=data.get("strategy", "random"),
+            importance=data.get("importance"),
         )
 
 
@@ -207,6 +216,32 @@ def _draw(rng: random.Random, units: list[Unit], ratio: float) -> set[str]:
     return {u.key for u in rng.sample(units, round_half_up(ratio * len(units)))}
 
 
+# -- the importance strategy: the same structure, the least important units train ------------------
+
+def _least(units: Iterable[Unit], scores: Mapping[str, float]) -> list[Unit]:
+    """Units from least to most important (ties by key, so the order is total)."""
+    return sorted(units, key=lambda u: (scores[u.key], u.key))
+
+
+def _spread_least(scores: Mapping[str, float], units_by_layer: Mapping[int | None, list[Unit]],
+                  ratio: float) -> set[str]:
+    """`_spread`'s counts, but each layer trains its least important units, and the remainder
+    goes to the layers whose next candidate is least important."""
+    ordered = {layer: _least(units, scores) for layer, units in units_by_layer.items()}
+    counts = {layer: math.floor(ratio * len(units)) for layer, units in ordered.items()}
+    remainder = round_half_up(ratio * sum(len(units) for units in ordered.values())) - sum(counts.values())
+    room = [layer for layer in ordered if counts[layer] < len(ordered[layer])]
+    room.sort(key=lambda layer: (scores[ordered[layer][counts[layer]].key], ordered[layer][counts[layer]].key))
+    for layer in room[:remainder]:
+        counts[layer] += 1
+    return {u.key for layer, units in ordered.items() for u in units[:counts[layer]]}
+
+
+def _layer_importance(units: list[Unit], scores: Mapping[str, float]) -> float:
+    """A layer's mean importance per entry."""
+    return sum(scores[u.key] * u.numel for u in units) / sum(u.numel for u in units)
+
+
 def plan_units(
     units: Iterable[Unit],
     model_type: str,
@@ -216,22 +251,34 @@ def plan_units(
     stage: int = 0,
     select_embeddings: bool = False,
     period: int = 0,
+    scores: Mapping[str, float] | None = None,
 ) -> SelectionPlan:
     """The selection rule over role-mapped units (see shared/DESIGN.md, 'The selection').
-    `period` > 0 draws the stage's n-th plan for periodic re-selection within a stage."""
+    `period` > 0 draws the stage's n-th plan for periodic re-selection within a stage.
+    `scores` (unit key -> importance, hft_ray/importance.py) replaces the random draw: within the
+    same structure, the least important units train and the most important stay frozen."""
     problems = validate_selection_args(granularity, ratio)
+    if scores is not None and granularity == "element":
+        problems.append("strategy: 'importance' ranks whole matrices; use granularity category, layer or model")
     if problems:
         raise UserError(*problems)
     units = tuple(units)
     # A string seed makes random.Random hash it with SHA-512: stable across runs and platforms.
     rng = random.Random(f"hft:{seed}:{stage}:{granularity}:{ratio}" + (f":{period}" if period else ""))
     plan = dict(model_type=model_type, granularity=granularity, ratio=float(ratio), seed=seed,
-                stage=stage, select_embeddings=select_embeddings, units=units, period=period)
+                stage=stage, select_embeddings=select_embeddings, units=units, period=period,
+                strategy="random" if scores is None else "importance",
+                importance=None if scores is None else {u.key: float(scores[u.key]) for u in units})
     in_layers = [u for u in units if u.layer is not None]
     top = [u for u in units if u.layer is None]
     always = set() if select_embeddings else {u.key for u in top}
     if granularity == "element":
         return SelectionPlan(**plan, trained=frozenset(always))
+
+    def draw(pool: list[Unit]) -> set[str]:
+        if scores is None:
+            return _draw(rng, pool, ratio)
+        return {u.key for u in _least(pool, scores)[:round_half_up(ratio * len(pool))]}
 
     trained: set[str] = set(always)
     if granularity == "category":
@@ -240,16 +287,21 @@ def plan_units(
             for unit in in_layers:
                 if role_group(unit.role) == group:
                     by_layer.setdefault(unit.layer, []).append(unit)
-            trained |= _spread(rng, by_layer, ratio)
+            trained |= _spread(rng, by_layer, ratio) if scores is None else _spread_least(scores, by_layer, ratio)
     elif granularity == "layer":
         layers = sorted({u.layer for u in in_layers})
-        chosen = set(rng.sample(layers, round_half_up(ratio * len(layers))))
+        count = round_half_up(ratio * len(layers))
+        if scores is None:
+            chosen = set(rng.sample(layers, count))
+        else:
+            members = {layer: [u for u in in_layers if u.layer == layer] for layer in layers}
+            chosen = set(sorted(layers, key=lambda layer: (_layer_importance(members[layer], scores), layer))[:count])
         trained |= {u.key for u in in_layers if u.layer in chosen}
     elif granularity == "model":
         pool = in_layers + (top if select_embeddings else [])
-        return SelectionPlan(**plan, trained=frozenset(trained | _draw(rng, pool, ratio)))
+        return SelectionPlan(**plan, trained=frozenset(trained | draw(pool)))
     if select_embeddings:
-        trained |= _draw(rng, top, ratio)
+        trained |= draw(top)
     return SelectionPlan(**plan, trained=frozenset(trained))
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hft_ray.errors import UserError
-from hft_ray.selection import GRANULARITIES
+from hft_ray.selection import GRANULARITIES, STRATEGIES
 
 
 class Strict(BaseModel):
@@ -80,6 +80,18 @@ class HFTMethod(Strict):
     select_embeddings: bool = False
     replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
     reselect_every: int = Field(0, ge=0, description="draw a new plan every N steps within a stage (0: one per stage)")
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        "random", description="random: the paper's draw; importance: freeze the units that matter most to "
+                              "earlier domains (squared gradients on their data) and train the rest")
+    importance_batches: int = Field(4, gt=0, description="batches of earlier domains' data importance is measured on")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self):
+        if self.strategy == "importance" and self.granularity == "element":
+            raise ValueError("strategy: 'importance' ranks whole matrices; use granularity category, layer or model")
+        if self.strategy == "importance" and self.reselect_every:
+            raise ValueError("strategy: 'importance' draws one plan per stage; set reselect_every: 0")
+        return self
 
 
 class LoRAMethod(Strict):
@@ -137,6 +149,12 @@ class PipelineSpec(Strict):
 
     def stage_lr(self, stage: StageSpec) -> float:
         return stage.lr or self.train.lr
+
+    def earlier_domains(self, index: int) -> list[str]:
+        """What the model knows before stage `index` (1-based): the pretrain domains and the
+        domains of earlier stages, each once, in order. Importance-aware selection protects these."""
+        names = (self.pretrain.domains if self.pretrain else []) + [s.domain for s in self.stages[:index - 1]]
+        return list(dict.fromkeys(names))
 
 
 def _cross_problems(data: dict) -> list[str]:

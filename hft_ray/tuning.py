@@ -31,10 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hft_ray.errors import UserError
 from hft_ray.metrics import ForgettingMatrix, summary
-from hft_ray.selection import GRANULARITIES
-from hft_ray.spec import FileSource, PipelineSpec, parse_spec, parse_yaml, read_yaml, set_override
+from hft_ray.selection import GRANULARITIES, STRATEGIES
+from hft_ray.spec import FileSource, HFTMethod, PipelineSpec, parse_spec, parse_yaml, read_yaml, set_override
 
 TRIAL_CPUS = 0.01
+IMPORTANCE_BATCHES = HFTMethod.model_fields["importance_batches"].default
 OBJECTIVE_METRICS = ("OP", "BWT", "forgetting", "heldout_delta", "OP+BWT")
 
 
@@ -69,7 +70,8 @@ Granularity = Literal[GRANULARITIES]  # type: ignore[valid-type]
 
 # Which samplers each key takes (a list, i.e. a grid, is always allowed).
 _SAMPLERS = {"granularity": ("choice",), "ratio": ("choice", "uniform"), "lr": ("choice", "loguniform"),
-             "seed": ("choice",), "select_embeddings": ("choice",), "reselect_every": ("choice",)}
+             "seed": ("choice",), "select_embeddings": ("choice",), "reselect_every": ("choice",),
+             "strategy": ("choice",)}
 SEARCHED = tuple(_SAMPLERS)  # the keys a space may search
 
 
@@ -83,6 +85,8 @@ class Space(Strict):
     select_embeddings: list[bool] | Sampler | None = None
     reselect_every: list[Annotated[int, Field(ge=0)]] | Sampler | None = Field(
         None, description="periodic re-selection: a new plan every N steps (0: one plan per stage)")
+    strategy: list[Literal[STRATEGIES]] | Sampler | None = Field(  # type: ignore[valid-type]
+        None, description="random (the paper's draw) or importance (freeze what earlier domains need most)")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -104,16 +108,35 @@ class Space(Strict):
                    "lr": lambda v: not isinstance(v, (int, float)) or v <= 0,
                    "seed": lambda v: not isinstance(v, int) or isinstance(v, bool),
                    "select_embeddings": lambda v: not isinstance(v, bool),
-                   "reselect_every": lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0}[info.field_name]
+                   "reselect_every": lambda v: not isinstance(v, int) or isinstance(v, bool) or v < 0,
+                   "strategy": lambda v: v not in STRATEGIES}[info.field_name]
             wrong = [v for v in value.choice if bad(v)]
             if wrong:
                 valid = {"granularity": ", ".join(GRANULARITIES), "ratio": "numbers in (0, 1)", "lr": "numbers > 0",
                          "seed": "integers", "select_embeddings": "true or false",
-                         "reselect_every": "integers >= 0"}[info.field_name]
+                         "reselect_every": "integers >= 0", "strategy": ", ".join(STRATEGIES)}[info.field_name]
                 raise ValueError(f"choice: {wrong!r} not valid; use {valid}")
         if value.uniform is not None and not value.uniform[1] < 1:
             raise ValueError(f"uniform: {list(value.uniform)!r}; a ratio needs 0 < low < high < 1")
         return value
+
+    def values(self, key: str) -> list:
+        """Every value `key` may take in a trial (a grid's list, a choice's options)."""
+        value = getattr(self, key)
+        return value if isinstance(value, list) else (value.choice or []) if isinstance(value, Sampler) else []
+
+    @model_validator(mode="after")
+    def _importance_combines(self):
+        """Importance ranks whole matrices and draws one plan per stage: refuse trials that could
+        pair it with element granularity or periodic re-selection."""
+        if "importance" in self.values("strategy"):
+            if "element" in self.values("granularity"):
+                raise ValueError("strategy: 'importance' ranks whole matrices and cannot pair with granularity "
+                                 "element; search element in a separate space")
+            if any(self.values("reselect_every")):
+                raise ValueError("strategy: 'importance' draws one plan per stage and cannot pair with "
+                                 "reselect_every > 0; search them in separate spaces")
+        return self
 
 
 class Objective(Strict):
@@ -309,6 +332,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
 
     from hft_ray.checkpoints import load_checkpoint
     from hft_ray.evaluation import evaluate_domain
+    from hft_ray.importance import measure
     from hft_ray.selection import plan_units
     from hft_ray.stage import StageJob, run_stage
 
@@ -320,8 +344,13 @@ def run_trial(config: dict, context: TrialContext) -> None:
     columns, total = list(spec.domains), len(spec.stages)
     metric = spec.eval.metric
     for index, stage in enumerate(spec.stages, start=1):
+        scores = None
+        if config.get("strategy") == "importance" and spec.earlier_domains(index):
+            scores = measure(checkpoint, context.units, [context.train_sets[d] for d in spec.earlier_domains(index)],
+                             batches=IMPORTANCE_BATCHES, batch_size=train.batch_size, max_length=train.max_length,
+                             seed=spec.seed * 1000 + index)
         plan = plan_units(context.units, context.model_type, config["granularity"], config["ratio"], seed, index,
-                          config.get("select_embeddings", False)).to_dict()
+                          config.get("select_embeddings", False), scores=scores).to_dict()
         lr = config.get("lr", spec.stage_lr(stage))
         job = StageJob(label=f"trial {trial_id} stage {index}/{total} ({stage.domain})", init_checkpoint=checkpoint,
                        examples=context.train_sets[stage.domain], steps=stage.steps, lr=lr,
@@ -489,7 +518,8 @@ def _search(loaded: LoadedSpace, prepared, tracker, parent_id: str, num_samples:
     echo(f"[hft-ray] base: " + "  ".join(f"{d}={s[spec.eval.metric]:.2f}" for d, s in base_row.items()))
     context = TrialContext(spec=spec, base_checkpoint=base_checkpoint, base_row=base_row, units=base.units,
                            model_type=base.model_type,
-                           train_sets={s.domain: tuple(prepared.domains[s.domain].train) for s in spec.stages},
+                           train_sets={name: tuple(prepared.domains[name].train) for name in
+                                       [s.domain for s in spec.stages] + (spec.pretrain.domains if spec.pretrain else [])},
                            eval_sets=base.eval_sets, storage=base.storage, search_name=search_name,
                            objective=space.objective)
     total = len(spec.stages)
@@ -570,6 +600,8 @@ def best_pipeline_text(loaded: LoadedSpace, config: dict) -> str:
         best["select_embeddings"] = True
     if config.get("reselect_every"):
         best["reselect_every"] = int(config["reselect_every"])
+    if config.get("strategy", "random") != "random":
+        best["strategy"] = config["strategy"]
     data["methods"] = {"fft": {"kind": "fft"}, "best": best}
     if "lr" in config:
         data.setdefault("train", {})["lr"] = float(config["lr"])

@@ -43,6 +43,6 @@ def _run_pipeline(folder, pipeline_text: str, *args: str):
     return out, client, children, result.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_pipeline():
     return _run_pipeline
