@@ -144,6 +144,13 @@ class PipelineRun:
         cpus = cpus_per_worker or t.cpus_per_worker
         return _stage_task.remote(job, self.storage, run_name, t.workers, cpus, t.use_gpu, t.max_failures)
 
+    def _stage_slots(self) -> int:
+        """How many stages can train at once. Ray Train gives up on a worker group that waits over
+        a minute for resources, so stages beyond what the cluster holds wait in the driver."""
+        t = self.spec.train
+        resource, need = ("GPU", t.workers) if t.use_gpu else ("CPU", t.workers * t.cpus_per_worker)
+        return max(1, int(ray.cluster_resources().get(resource, 0) // need))
+
     def _submit_eval(self, checkpoint: str):
         return _eval_task.remote(checkpoint, self.eval_sets, self.spec.eval.model_dump())
 
@@ -286,6 +293,16 @@ class PipelineRun:
             if done:
                 self.echo(f"[hft-ray] {method}: stages 1-{done} done in an earlier attempt")
 
+        slots, queued = self._stage_slots(), []  # queued: (job, run name, branch, index) waiting for a slot
+
+        def train(job: StageJob, name: str, branch: Branch, index: int) -> None:
+            if sum(kind == "stage" for kind, _, _ in pending.values()) < slots:
+                self.echo(f"[hft-ray] {job.label}: training {job.steps} steps on {spec.train.workers} worker(s)")
+                pending[self._submit_stage(job, name)] = ("stage", branch, index)
+            else:
+                self.echo(f"[hft-ray] {job.label}: waiting for a free slot ({slots} stage(s) train at once here)")
+                queued.append((job, name, branch, index))
+
         def submit_next(branch: Branch) -> None:
             index = branch.done + 1
             stage = spec.stages[index - 1]
@@ -324,8 +341,7 @@ class PipelineRun:
             job = self._job(label, branch.checkpoint, self._stage_examples(branch.method, index), stage.steps,
                             spec.stage_lr(stage), spec.seed * 1000 + index, plan, stage.kind, stage.beta,
                             lora, reselect_every)
-            self.echo(f"[hft-ray] {label}: training {stage.steps} steps on {spec.train.workers} worker(s)")
-            pending[self._submit_stage(job, self._ray_name(f"{branch.method}-stage{index}"))] = ("stage", branch, index)
+            train(job, self._ray_name(f"{branch.method}-stage{index}"), branch, index)
 
         for branch in branches.values():
             if branch.done < total:
@@ -355,6 +371,8 @@ class PipelineRun:
                           f"{value.train_s:.0f}s, {value.step_s * 1000:.0f} ms/step, "
                           f"{value.trainable / value.total:.0%} of parameters trained")
                 branch.checkpoint, branch.done = value.checkpoint, index
+                if queued:
+                    train(*queued.pop(0))
                 pending[self._submit_eval(value.checkpoint)] = ("eval", branch, index)
                 if index < total:
                     submit_next(branch)
