@@ -90,7 +90,7 @@ def test_bad_space_exits_2_naming_the_problem(case, content, expected, tmp_path,
 
 @pytest.fixture(scope="module")
 def finished_search(tmp_path_factory):
-    """The smoke search (3 trials x 2 stages, ASHA) through the console script."""
+    """The smoke search (4 trials x 2 stages, ASHA) through the console script."""
     folder = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{folder}/mlflow.db"
     started = time.perf_counter()
@@ -112,7 +112,7 @@ def test_search_logs_parent_and_one_child_run_per_trial(finished_search):
     assert len(children) >= 3
     for child in children:
         assert child.data.tags["hft.kind"] == "trial"
-        assert child.data.params["granularity"] == "category" and child.data.params["ratio"] in ("0.25", "0.5", "0.75")
+        assert child.data.params["granularity"] == "category" and child.data.params["ratio"] in ("0.25", "0.75")
         stopped = child.data.tags["hft.stopped_early"] == "true"
         assert child.info.status == ("KILLED" if stopped else "FINISHED")
         assert "objective" in child.data.metrics and "eval/upper" in child.data.metrics
@@ -120,6 +120,7 @@ def test_search_logs_parent_and_one_child_run_per_trial(finished_search):
         assert steps == ([1] if stopped else [1, 2])  # one report per stage
         matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "forgetting/trial.json")).read_text())
         assert len(matrix["scores"]) == len(steps) + 1
+    assert {c.data.params["strategy"] for c in children} == {"random", "importance"}
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
     assert "stage 2/2" in stderr
 
