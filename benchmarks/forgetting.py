@@ -118,27 +118,40 @@ def table(result: dict, prefix: str = "") -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Row 1: exact-match metrics; row 2: the same on token accuracy (bars: mean ± std, dots:
+    seeds); row 3: the pretrained knowledge column (`facts`) after each stage, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(result["methods"])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4), sharey=False)
-    for ax, metric in zip(axes, METRICS):
-        means = [result["methods"][m][metric]["mean"] for m in methods]
-        stds = [result["methods"][m][metric]["std"] for m in methods]
-        colors = ["tab:gray" if m.startswith("fft") else "tab:blue" for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, color=colors, capsize=3)
-        for i, m in enumerate(methods):
-            ax.scatter([i] * len(result["methods"][m][metric]["values"]), result["methods"][m][metric]["values"],
-                       color="black", s=8, zorder=3)
-        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
-        ax.set_title(metric)
-        ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle(f"quickstart suite, {len(result['seeds'])} seed(s): mean ± std, dots = seeds")
+    colors = ["tab:gray" if m.startswith("fft") else "tab:blue" for m in methods]
+    fig = plt.figure(figsize=(4 * len(METRICS), 11))
+    grid = fig.add_gridspec(3, len(METRICS))
+    for row, prefix in enumerate(("", "token_accuracy.")):
+        for col, metric in enumerate(METRICS):
+            ax = fig.add_subplot(grid[row, col])
+            stats = [result["methods"][m][prefix + metric] for m in methods]
+            ax.bar(range(len(methods)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
+                   color=colors, capsize=3)
+            for i, s in enumerate(stats):
+                ax.scatter([i] * len(s["values"]), s["values"], color="black", s=8, zorder=3)
+            ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+            ax.set_title(f"{metric} ({prefix.rstrip('.') or 'exact_match'})", fontsize=10)
+            ax.axhline(0, color="black", linewidth=0.5)
+    ax = fig.add_subplot(grid[2, :])
+    for method in methods:
+        stats = result["methods"][method]
+        column = stats["columns"].index("facts")
+        ax.plot(stats["rows"], [row[column] for row in stats["mean_matrix"]], marker="o", label=method,
+                linestyle="--" if method.startswith("fft") else "-")
+    ax.set_ylabel("facts, exact match (mean over seeds)")
+    ax.set_title("pretrained knowledge kept after each stage")
+    ax.legend(fontsize=8, ncol=4)
+    fig.suptitle(f"quickstart suite, {len(result['seeds'])} seed(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
