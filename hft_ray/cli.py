@@ -19,10 +19,22 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a ratio in (0, 1) such as 0.5") from None
 
 
+@contextlib.contextmanager
 def _progress_to_stderr(json_output: bool):
     """With --json, Ray's forwarded worker output and our progress go to stderr, so stdout
-    holds the JSON alone."""
-    return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
+    holds the JSON alone. Ray is shut down before stdout comes back: its log monitor forwards
+    lines that arrive late (a trial's last words) for as long as it runs."""
+    if not json_output:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
