@@ -9,9 +9,9 @@ the script records the share of probe facts still answered right and every domai
 Half-Reset: the model after the FFT sequence gets half of its parameters reset to base values,
 and is measured again.
 
-    python benchmarks/knowledge.py                 # 2 seeds, ~25 min on one busy core
+    python benchmarks/knowledge.py                 # 2 seeds, 24 min on one core of a busy 2-core machine
     python benchmarks/knowledge.py --smoke-test    # a few probes, 2 steps per stage
-    python benchmarks/knowledge.py --seeds 0 --steps 60 --domains upper arithmetic double
+    python benchmarks/knowledge.py --seeds 0 --lr 3e-4 --out benchmarks/out/knowledge-lr3e-4.json
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ FACTS = ([(f"The capital of {c} is", f"What is the capital of {c}?", a) for c, a
 
 def probe_prompt(tokenizer, fact: tuple[str, str, str]) -> str:
     """The question as a chat turn, and the assistant's answer begun with the sentence prefix:
-    of the formats tried (plain prefix 53/80, chat question 58/80, this 65/80), the best at base."""
+    of the formats tried at base (plain prefix 53/80, chat question alone 58/80 with 24 new tokens,
+    this 65/80; before "seven|7"-style alternatives, which make it 66/80), the best."""
     prefix, question, _ = fact
     chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
@@ -107,7 +108,8 @@ def measure(model, tokenizer, probes, domains, args) -> dict:
     start = time.perf_counter()
     hits = probe_hits(model, tokenizer, probes, args.probe_tokens)
     scores = {d.name: evaluate(model, tokenizer, d.eval, max_new_tokens=8) for d in domains}
-    row = {"probe": sum(hits) / len(hits), "probe_right": sum(hits), "domains": scores,
+    row = {"probe": sum(hits) / len(hits), "probe_right": sum(hits),
+           "probe_missed": [fact[0] for fact, hit in zip(probes, hits) if not hit], "domains": scores,
            "eval_s": time.perf_counter() - start}
     print(f"    probe {row['probe']:.3f} ({sum(hits)}/{len(hits)}) | "
           + " | ".join(f"{n} em {s['exact_match']:.2f} tok {s['token_accuracy']:.2f}" for n, s in scores.items())
