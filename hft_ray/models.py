@@ -130,9 +130,17 @@ def load_model(source: str, seed: int = 0, trust_remote_code: bool = False) -> t
         torch.manual_seed(seed)
         return transformers.AutoModelForCausalLM.from_config(load_config(resolved))
     load_config(resolved, trust_remote_code)  # a clear error before a long load
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         resolved.name, gguf_file=resolved.gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
+    if resolved.gguf_file:
+        # GGUF weights are de-quantized to float32 on load: from here on a plain model, which
+        # save_pretrained refuses while the GGUF quantizer stays attached.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    return model
 
 
 def char_tokenizer() -> transformers.PreTrainedTokenizerFast:

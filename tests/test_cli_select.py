@@ -87,3 +87,18 @@ def test_hft_on_smollm2_keeps_frozen_weights_and_learns():
     for name, param in model.named_parameters():
         if plan.param_masks()[name] is False:
             assert torch.equal(param, before[name]), name
+
+
+@needs_smollm2
+def test_the_real_smollm2_gguf_becomes_a_checkpoint_with_the_same_weights(tmp_path):
+    """A pipeline's base checkpoint: the de-quantized GGUF model must save (transformers refuses
+    while the GGUF quantizer is attached) and load back bit for bit."""
+    from hft_ray.checkpoints import load_checkpoint, write_checkpoint
+    from hft_ray.models import load_tokenizer
+
+    model = load_model(f"builtin:{SMOLLM2}")
+    path = write_checkpoint(tmp_path / "base", model, load_tokenizer(f"builtin:{SMOLLM2}"))
+    again, _ = load_checkpoint(path)
+    weights = model.state_dict()
+    assert again.state_dict().keys() == weights.keys()
+    assert all(torch.equal(value, weights[name]) for name, value in again.state_dict().items())
