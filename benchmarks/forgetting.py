@@ -41,7 +41,7 @@ METHODS = {
     "hft_replay": {"kind": "hft", "granularity": "category", "ratio": 0.5, "replay": 0.2},
 }
 METRICS = ("OP", "BWT", "forgetting", "heldout_delta")
-# The paper's granularity ablation (Table 6, OP on its continual-learning benchmark).
+# The paper's granularity ablation (OP on its continual-learning benchmark).
 PAPER_OP = {"fft": 45.7, "hft_model": 46.9, "hft_layer": 47.9, "hft_category": 51.3}
 
 
