@@ -311,8 +311,7 @@ class PipelineRun:
                           f"{', '.join(spec.earlier_domains(index))}")
                 pending[self._submit_importance(branch.method, index, branch.checkpoint)] = ("importance", branch, index)
                 return
-            if getattr(spec.methods[branch.method], "strategy", "") == "importance" and index == 1 \
-                    and not spec.earlier_domains(index):
+            if getattr(spec.methods[branch.method], "strategy", "") == "importance" and not spec.earlier_domains(index):
                 self.echo(f"[hft-ray] {branch.method} stage 1/{total}: nothing learnt earlier to protect "
                           "(no pretrain block): a random draw")
             plan = self._plan(branch.method, index)
