@@ -27,11 +27,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from hft_ray.data import encode, load_domain, mix_balanced  # noqa: E402
-from hft_ray.evaluation import evaluate  # noqa: E402
-from hft_ray.models import char_tokenizer, load_model  # noqa: E402
-from hft_ray.selection import select  # noqa: E402
-from hft_ray.training import train  # noqa: E402
+from hft_ray.data.encoding import encode  # noqa: E402
+
+from hft_ray.data.loading import load_domain
+
+from hft_ray.data.mixing import mix_balanced
+from hft_ray.train.evaluation import evaluate  # noqa: E402
+from hft_ray.train.models import char_tokenizer, load_model  # noqa: E402
+from hft_ray.core.selection import select  # noqa: E402
+from hft_ray.train.loop import train  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "calibrate_suite.json"
 

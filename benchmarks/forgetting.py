@@ -26,7 +26,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from hft_ray.metrics import ForgettingMatrix, summary
+from hft_ray.core.metrics import ForgettingMatrix, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"

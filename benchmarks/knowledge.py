@@ -26,13 +26,16 @@ from pathlib import Path
 import torch
 import transformers
 
-from hft_ray.data import encode, load_domain
-from hft_ray.evaluation import evaluate, generate_answers
-from hft_ray.freezing import apply_plan
-from hft_ray.half_reset import half_reset
-from hft_ray.models import load_model, load_tokenizer
-from hft_ray.selection import select
-from hft_ray.training import batches, make_optimizer, run_steps
+from hft_ray.data.encoding import encode
+
+from hft_ray.data.loading import load_domain
+from hft_ray.train.evaluation import evaluate, generate_answers
+from hft_ray.core.freezing import apply_plan
+from hft_ray.core.half_reset import half_reset
+from hft_ray.train.models import load_model, load_tokenizer
+from hft_ray.core.selection import select
+from hft_ray.data.encoding import batches
+from hft_ray.train.loop import make_optimizer, run_steps
 
 SOURCE = "builtin:smollm2-135m"
 OUT = Path(__file__).parent / "out" / "knowledge.json"

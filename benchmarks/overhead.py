@@ -1,7 +1,9 @@
-"""Orchestration overhead: `hft-ray run PIPELINE` wall time against the same training and
-evaluation done in one plain Python process (no Ray, no MLflow), one branch after another.
+"""Orchestration overhead: `hft-ray run PIPELINE` against the same training and evaluation done
+in one plain Python process (no Ray, no MLflow), one branch after another. Both are timed the
+same way, as a command from start to exit (imports, reading the pipeline and its data included),
+side by side in one run: plain, pipeline, then again in the other order.
 
-    python benchmarks/overhead.py pipelines/quickstart.yaml [--threads N]
+    python benchmarks/overhead.py pipelines/quickstart.yaml [--threads N] [--rounds R]
 
 Writes benchmarks/out/overhead.json and prints the ratio (target <= 1.25 on the quickstart).
 """
@@ -11,28 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from hft_ray.evaluation import evaluate
-from hft_ray.models import load_model, load_tokenizer
-from hft_ray.preflight import prepare
-from hft_ray.data import encode, mix_balanced
-from hft_ray.selection import select
-from hft_ray.spec import HFTMethod, load_spec
-from hft_ray.training import train
-
-
-def plain_process(path: str) -> dict:
+def plain_process(path: str, threads: int) -> dict:
     """Pretrain, then every method's stages in order, evaluating every domain after each."""
+    import torch
+
+    from hft_ray.config.preflight import prepare
+    from hft_ray.config.spec import HFTMethod, load_spec
+    from hft_ray.core.selection import select
+    from hft_ray.data.encoding import encode
+    from hft_ray.data.mixing import mix_balanced
+    from hft_ray.train.evaluation import evaluate
+    from hft_ray.train.loop import train
+    from hft_ray.train.models import load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # as the product's workers do
     spec, _ = load_spec(path)
     prepared = prepare(spec, Path(path).parent)
-    started = time.perf_counter()
     tokenizer = load_tokenizer(spec.model.source)
     encoded = {n: encode(list(d.train), tokenizer, spec.train.max_length, domain=n) for n, d in prepared.domains.items()}
     evals = {n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()}
@@ -51,42 +56,52 @@ def plain_process(path: str) -> dict:
     for method, config in spec.methods.items():
         base.load_state_dict(state)
         for index, stage in enumerate(spec.stages, start=1):
-            plan = select(base, config.granularity, config.ratio, spec.seed, index) if isinstance(config, HFTMethod) else None
+            plan = select(base, config.granularity, config.ratio, config.seed if config.seed is not None else spec.seed,
+                          index) if isinstance(config, HFTMethod) else None
             train(base, encoded[stage.domain], steps=stage.steps, lr=spec.stage_lr(stage),
                   batch_size=spec.train.batch_size, plan=plan, weight_decay=spec.train.weight_decay,
                   seed=spec.seed * 1000 + index)
             rows[f"{method}/{index}"] = evaluate_all(base)
-    return {"wall_s": time.perf_counter() - started, "rows": rows}
+    return rows
 
 
-def pipeline_run(path: str) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        result = subprocess.run(
-            ["hft-ray", "run", path, "--json", "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
-             "--set", f"output.dir={folder}/runs"], capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - started
-    return {"wall_s": wall, "result": json.loads(result.stdout)}
+def timed(command: list[str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started, result.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipeline")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the plain process")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs, alternating which goes first")
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # the plain process itself
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    plain = plain_process(args.pipeline)
-    print(f"plain process: {plain['wall_s']:.1f} s", flush=True)
-    ray_run = pipeline_run(args.pipeline)
-    print(f"hft-ray run:   {ray_run['wall_s']:.1f} s", flush=True)
-    ratio = ray_run["wall_s"] / plain["wall_s"]
-    print(f"ratio (pipeline / plain): {ratio:.2f}  (target <= 1.25)")
+    if args.plain:
+        print(json.dumps(plain_process(args.pipeline, args.threads)))
+        return
+    plain_cmd = [sys.executable, __file__, args.pipeline, "--plain", "--threads", str(args.threads)]
+    runs = {"plain": [], "pipeline": []}
+    for round_ in range(args.rounds):
+        for which in (("plain", "pipeline") if round_ % 2 == 0 else ("pipeline", "plain")):
+            with tempfile.TemporaryDirectory() as folder:
+                command = plain_cmd if which == "plain" else [
+                    "hft-ray", "run", args.pipeline, "--json", "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
+                    "--set", f"output.dir={folder}/runs"]
+                wall, out = timed(command)
+            runs[which].append({"wall_s": wall, "out": json.loads(out)})
+            print(f"{which:8s} {wall:6.1f} s", flush=True)
+    plain = statistics.median(r["wall_s"] for r in runs["plain"])
+    pipeline = statistics.median(r["wall_s"] for r in runs["pipeline"])
+    print(f"ratio (pipeline / plain, medians): {pipeline / plain:.2f}  (target <= 1.25)")
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "overhead.json").write_text(json.dumps(
-        {"pipeline": args.pipeline, "cpus": os.cpu_count(), "threads": args.threads, "plain_s": plain["wall_s"],
-         "pipeline_s": ray_run["wall_s"], "ratio": ratio, "plain_rows": plain["rows"],
-         "pipeline_result": ray_run["result"]}, indent=1))
+        {"pipeline": args.pipeline, "cpus": os.cpu_count(), "threads": args.threads, "plain_s": plain,
+         "pipeline_s": pipeline, "ratio": pipeline / plain, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

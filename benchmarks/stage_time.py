@@ -1,15 +1,17 @@
-"""Stage time through Ray Train: FFT vs HFT at every granularity, on 1 worker and on 2 workers
-(DDP over gloo), the way `hft-ray run` trains a stage (`hft_ray.stage.run_stage`).
+"""Stage step time, FFT vs HFT at every granularity, through Ray Train (the branch runner
+`hft-ray run` uses: one TorchTrainer per branch, its stages in the same workers) and in one
+plain process (the same train function, `hft_ray.train.branch.train_branch`, without Ray).
 
-    python benchmarks/stage_time.py                                   # both models; measured: tiny 5 min, SmolLM2 (4 steps) 8 min
-    python benchmarks/stage_time.py --models tiny-llama --steps 10    # ~3 min
-    python benchmarks/stage_time.py --gpu --models smollm2-135m       # one worker per GPU
+    python benchmarks/stage_time.py                                    # tiny LLaMA, 1 and 2 workers
+    python benchmarks/stage_time.py --models smollm2-135m --steps 4 --stages 2
+    python benchmarks/stage_time.py --gpu --models smollm2-135m        # one worker per GPU
 
-Every configuration gets the whole machine: 1 worker with all CPUs (torch threads = CPUs), or 2
-workers with half each. The global batch is the same in both (each of 2 workers takes half), so
-a step trains the same examples. Per stage it records the median optimizer-step time (forward,
-backward, DDP all-reduce, AdamW), the sum of step times (`train_s`) and the wall time of the whole
-TorchTrainer run (worker start, model load, final checkpoint). Writes benchmarks/out/stage_time.json.
+Each (mode, workers, method) is one branch of `--stages` stages of `--steps` steps; a stage's
+median optimizer step is one sample, and a configuration's figure is the median over its stages
+and `--rounds` rounds. Rounds alternate the order of the methods, so slow drift of the machine
+(another job, thermal state) falls on every method alike. Every configuration has the whole
+machine: 1 worker with every CPU as threads, or 2 workers with half each (DDP over gloo), the
+same global batch. Writes benchmarks/out/stage_time.json.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argparse
 import json
 import os
 import random
-import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,13 +31,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import flop_ratio  # noqa: E402
 
-from hft_ray.checkpoints import write_checkpoint  # noqa: E402
-from hft_ray.domains import BUILTIN_DOMAINS  # noqa: E402
-from hft_ray.freezing import apply_plan  # noqa: E402
-from hft_ray.models import load_model, load_tokenizer  # noqa: E402
-from hft_ray.pipeline import init_ray  # noqa: E402
-from hft_ray.selection import GRANULARITIES, select  # noqa: E402
-from hft_ray.stage import StageJob, run_stage  # noqa: E402
+from hft_ray.core.freezing import apply_plan  # noqa: E402
+from hft_ray.core.selection import GRANULARITIES, select  # noqa: E402
+from hft_ray.data.domains import BUILTIN_DOMAINS  # noqa: E402
+from hft_ray.train.branch import train_branch  # noqa: E402
+from hft_ray.train.channel import LocalChannel  # noqa: E402
+from hft_ray.train.checkpoints import write_checkpoint  # noqa: E402
+from hft_ray.train.events import StageTrained  # noqa: E402
+from hft_ray.train.job import BranchJob, StageJob  # noqa: E402
+from hft_ray.train.models import load_model, load_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 METHODS = ("fft",) + tuple(f"hft-{g}" for g in GRANULARITIES)
@@ -43,73 +47,95 @@ SETTINGS = {"tiny-llama": {"batch_size": 32, "max_length": 64, "steps": 40},
             "smollm2-135m": {"batch_size": 8, "max_length": 64, "steps": 10}}
 
 
-def plan_for(model: torch.nn.Module, method: str) -> tuple[dict | None, float]:
-    """The plan (None for FFT) and its FLOP-model ratio."""
+def method_config(method: str) -> dict:
     if method == "fft":
-        return None, 1.0
-    plan = select(model, method.removeprefix("hft-"), 0.5, seed=0, stage=1)
-    applied = apply_plan(model, plan)
-    ratio = flop_ratio(model)
-    applied.remove()
-    return plan.to_dict(), ratio
+        return {"kind": "fft"}
+    return {"kind": "hft", "granularity": method.removeprefix("hft-"), "ratio": 0.5, "seed": 0}
 
 
-def bench_model(name: str, workers_list: list[int], steps: int | None, use_gpu: bool, folder: Path) -> list[dict]:
-    settings = {**SETTINGS[name], **({"steps": steps} if steps else {})}
+def branch(folder: Path, base: str, method: str, stages: int, settings: dict, threads: int) -> BranchJob:
+    examples = tuple(BUILTIN_DOMAINS["upper"].generate(random.Random(0), 1024))
+    jobs = tuple(StageJob(i, f"{method} stage {i}", examples, settings["steps"], 1e-4, i,
+                          str(folder / f"{method}-{time.time_ns()}" / f"stage-{i}"), method_config(method))
+                 for i in range(1, stages + 1))
+    return BranchJob(method, base, jobs, batch_size=settings["batch_size"], max_length=settings["max_length"],
+                     weight_decay=0.01, log_every=settings["steps"], threads=threads)
+
+
+def in_process(job: BranchJob, folder: Path) -> list[float]:
+    events = []
+    train_branch(job, LocalChannel(folder / f"channel-{time.time_ns()}", events.append))
+    return [e.step_s for e in events if isinstance(e, StageTrained)]
+
+
+def through_ray(job: BranchJob, folder: Path, workers: int, use_gpu: bool, services) -> list[float]:
+    from hft_ray.run.ray_worker import Scaling
+    from hft_ray.run.runner import RayRunner
+
+    cpus = 1 if use_gpu else (os.cpu_count() or 2) / workers
+    runner = RayRunner(services, f"bench-{time.time_ns()}", str(folder / "ray"), Scaling(workers, cpus, use_gpu, 0))
+    runner.launch(job, f"{job.name}-w{workers}-{time.time_ns()}")
+    return [e.step_s for e in runner.events() if isinstance(e, StageTrained)]
+
+
+def bench(name: str, args, folder: Path, services) -> list[dict]:
+    settings = {**SETTINGS[name], **({"steps": args.steps} if args.steps else {})}
     model = load_model(f"builtin:{name}", seed=0)
     base = str(write_checkpoint(folder / f"{name}-base", model, load_tokenizer(f"builtin:{name}")))
-    examples = tuple(BUILTIN_DOMAINS["upper"].generate(random.Random(0), 1024))
+    flops = {}
+    for method in METHODS:
+        applied = apply_plan(model, select(model, method.removeprefix("hft-"), 0.5, 0, 1)) if method != "fft" else None
+        flops[method] = flop_ratio(model)
+        if applied:
+            applied.remove()
     cpus = os.cpu_count() or 2
+    samples: dict[tuple, list[float]] = {}
+    configs = [("one process", 1)] + [("Ray Train", w) for w in args.workers]
+    for round_ in range(args.rounds):
+        for mode, workers in configs:
+            for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
+                job = branch(folder, base, method, args.stages, settings, max(1, cpus // workers))
+                steps = (in_process(job, folder) if mode == "one process"
+                         else through_ray(job, folder, workers, args.gpu, services))
+                samples.setdefault((mode, workers, method), []).extend(steps)
+                print(f"[stage_time] {name} {mode} x{workers} {method}: "
+                      f"{', '.join(f'{s * 1000:.0f}' for s in steps)} ms/step", flush=True)
     rows = []
-    for workers in workers_list:
-        for method in METHODS:
-            plan, flops = plan_for(model, method)
-            job = StageJob(label=f"{name} {method} x{workers}", init_checkpoint=base, examples=examples,
-                           steps=settings["steps"], lr=1e-4, batch_size=settings["batch_size"],
-                           max_length=settings["max_length"], weight_decay=0.01, seed=0,
-                           log_every=max(1, settings["steps"] // 2), plan=plan)
-            started = time.perf_counter()
-            result = run_stage(job, str(folder / "ray"), f"{name}-{method}-w{workers}-{time.time_ns()}", workers,
-                               cpus_per_worker=1 if use_gpu else cpus / workers, use_gpu=use_gpu)
-            wall = time.perf_counter() - started
-            rows.append({"model": name, "method": method, "workers": workers, "step_s": result.step_s,
-                         "train_s": result.train_s, "wall_s": wall, "trained_fraction": result.trainable / result.total,
-                         "flop_ratio": flops, **settings})
-            print(f"[stage_time] {name} {method} x{workers}: {result.step_s:.3f} s/step, train {result.train_s:.1f} s, "
-                  f"wall {wall:.1f} s", flush=True)
-            shutil.rmtree(Path(result.checkpoint).parent, ignore_errors=True)  # a SmolLM2 checkpoint is 0.5 GB
-    for row in rows:
-        fft = next(r for r in rows if r["method"] == "fft" and r["workers"] == row["workers"])
-        row["step_vs_fft"] = row["step_s"] / fft["step_s"]
-        row["train_vs_fft"] = row["train_s"] / fft["train_s"]
-        one = next((r for r in rows if r["method"] == row["method"] and r["workers"] == 1), None)
-        row["step_vs_1_worker"] = row["step_s"] / one["step_s"] if one else None
+    for (mode, workers, method), steps in samples.items():
+        fft = statistics.median(samples[(mode, workers, "fft")])
+        rows.append({"model": name, "mode": mode, "workers": workers, "method": method, "step_s": statistics.median(steps),
+                     "vs_fft": statistics.median(steps) / fft, "flop_ratio": flops[method], "samples": steps,
+                     **settings, "stages": args.stages, "rounds": args.rounds})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--models", nargs="+", default=["tiny-llama"], choices=list(SETTINGS))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: per model)")
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     args = parser.parse_args()
-    torch.set_flush_denormal(True)  # see step_time.py: denormals make CPU steps several times slower
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hft_ray.run.cluster import init_ray
+    from hft_ray.run.runner import EvalSettings, Services
+
     init_ray(None)
+    services = Services.start({}, EvalSettings(1, 1, args.gpu), 0)
     device = torch.cuda.get_device_name(0) if args.gpu and torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    with tempfile.TemporaryDirectory(dir=OUT if OUT.exists() else None) as folder:
-        rows = [row for name in args.models for row in bench_model(name, args.workers, args.steps, args.gpu, Path(folder))]
     OUT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as folder:
+        rows = [row for name in args.models for row in bench(name, args, Path(folder), services)]
     (OUT / "stage_time.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows},
                                                     indent=1))
-    print(f"\n{device}, torch {torch.__version__}")
-    print("| model | method | workers | step s | vs FFT | FLOP model | vs 1 worker | train s | stage wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{device}, torch {torch.__version__}; median step over {args.stages} stages x {args.rounds} rounds")
+    print("| model | mode | workers | method | step s | vs FFT | FLOP model |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        one = f"{r['step_vs_1_worker']:.2f}" if r["step_vs_1_worker"] else ""
-        print(f"| {r['model']} | {r['method']} | {r['workers']} | {r['step_s']:.3f} | {r['step_vs_fft']:.2f} | "
-              f"{r['flop_ratio']:.2f} | {one} | {r['train_s']:.1f} | {r['wall_s']:.0f} |")
+        print(f"| {r['model']} | {r['mode']} | {r['workers']} | {r['method']} | {r['step_s']:.4f} | "
+              f"{r['vs_fft']:.2f} | {r['flop_ratio']:.2f} |")
 
 
 if __name__ == "__main__":

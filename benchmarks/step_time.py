@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from hft_ray.freezing import apply_plan
-from hft_ray.models import load_model
-from hft_ray.selection import GRANULARITIES, select
+from hft_ray.core.freezing import apply_plan
+from hft_ray.train.models import load_model
+from hft_ray.core.selection import GRANULARITIES, select
 
 # model -> (source, batch size, sequence length, warm-up rounds, timed rounds)
 MODELS = {

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 # beside a Ray worker) slow each other down by an order of magnitude.
 torch.set_num_threads(1)
 
-from hft_ray.models import BUILTIN_CONFIGS, load_model  # noqa: E402
+from hft_ray.train.models import BUILTIN_CONFIGS, load_model  # noqa: E402
 
 TINY_MODELS = sorted(BUILTIN_CONFIGS)
 

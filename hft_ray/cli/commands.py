@@ -1,0 +1,209 @@
+"""What each `hft-ray` command does, once its arguments are parsed (hft_ray/cli/main.py)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from hft_ray.errors import UserError
+
+
+def run_select(args: argparse.Namespace) -> int:
+    from hft_ray.train.models import meta_model
+    from hft_ray.core.selection import plan_units, model_units, validate_selection_args
+
+    problems = validate_selection_args(args.granularity, args.ratio)
+    try:
+        model = meta_model(args.model)
+    except UserError as error:
+        problems += error.problems
+    if problems:
+        raise UserError(*problems)
+    plan = plan_units(model_units(model), model.config.model_type, args.granularity, args.ratio,
+                      args.seed, args.stage, args.select_embeddings)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        from hft_ray.cli.display import format_plan
+
+        print(format_plan(plan, title=args.model))
+    return 0
+
+
+@contextlib.contextmanager
+def _progress_board(json_output: bool):
+    """What the user sees while a run goes (hft_ray/run/progress.py). With --json it goes to
+    stderr, so stdout holds the JSON alone; Ray is shut down before stdout comes back, since its
+    log monitor forwards late lines (a trial's last words) for as long as it runs."""
+    from hft_ray.run.progress import Board
+
+    redirect = contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
+    with redirect:
+        board = Board()
+        try:
+            yield board
+        finally:
+            board.close()
+            if json_output:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+
+
+def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """--storage-path as the --set it stands for."""
+    return [] if args.storage_path is None else [f"{prefix}output.dir={json.dumps(args.storage_path)}"]
+
+
+def _fits(train, have) -> None:
+    """Exit 2, before anything starts, when a branch's worker group can never fit the cluster."""
+    from hft_ray.run.cluster import fit_problems
+
+    problems = fit_problems(train.workers, train.cpus_per_worker, train.use_gpu, have)
+    if problems:
+        raise UserError(*problems)
+
+
+def _start_ray(args: argparse.Namespace, train):
+    """Ray, joined or embedded; exit 2 if a branch can never fit it; returns its capacity."""
+    from hft_ray.run.cluster import capacity, init_ray
+
+    init_ray(args.address, args.verbose)
+    have = capacity(args.address)
+    _fits(train, have)
+    return have
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from hft_ray.config.preflight import prepare
+    from hft_ray.config.spec import load_spec
+
+    spec, text = load_spec(args.pipeline, args.set + _storage_override(args))
+    prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
+
+    from hft_ray.cli.display import format_matrix
+    from hft_ray.run.cluster import embedded_capacity
+    from hft_ray.run.manifest import resumable
+    from hft_ray.run.pipeline import PipelineRun
+    from hft_ray.run.runner import RunFailure
+    from hft_ray.run.tracking import Tracker, resolve_tracking_uri
+
+    try:
+        with _progress_board(args.json) as board:
+            if not (args.address or os.environ.get("RAY_ADDRESS")):
+                _fits(spec.train, embedded_capacity())
+            tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
+            resume = resumable(tracker, prepared.spec, None if args.resume == "latest" else args.resume) \
+                if args.resume else None
+            have = _start_ray(args, spec.train)
+            result = PipelineRun(prepared, text, tracker, board, have, resume).run()
+    except RunFailure as error:
+        print(f"hft-ray: run failed: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for method, matrix in result.matrices.items():
+        print()
+        print(format_matrix(matrix, f"{method} ({spec.eval.metric}; * = trained in that stage)", result.summaries[method]))
+    print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
+          f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from hft_ray.config.preflight import prepare
+    from hft_ray.config.space import load_space
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples: {args.num_samples} is not a positive number of samples")
+    loaded = load_space(args.space, args.set + _storage_override(args, "set."))
+    prepared = prepare(loaded.spec, loaded.pipeline_path.parent)  # every input problem, before anything starts
+
+    from hft_ray.run.cluster import embedded_capacity
+    from hft_ray.run.runner import RunFailure
+    from hft_ray.run.tracking import Tracker, resolve_tracking_uri
+    from hft_ray.run.tuning import resumable_search, run_search
+
+    try:
+        with _progress_board(args.json) as board:
+            if not (args.address or os.environ.get("RAY_ADDRESS")):
+                _fits(loaded.spec.train, embedded_capacity())
+            tracker = Tracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
+            resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume) \
+                if args.resume else None
+            have = _start_ray(args, loaded.spec.train)
+            result = run_search(loaded, prepared, tracker, board, have, args.num_samples, resume)
+    except RunFailure as error:
+        print(f"hft-ray: tune failed: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    if result.best is None:
+        print(f"no trial finished every stage; see MLflow parent run {result.parent_run_id}")
+        return 1
+    print(f"\nbest: {json.dumps({k: v for k, v in result.best.items() if v != '' and k not in ('run_id', 'matrix')})}")
+    print(f"best pipeline file: {result.best_pipeline}  (hft-ray run {result.best_pipeline})")
+    print(f"MLflow parent run {result.parent_run_id} in experiment {loaded.spec.experiment!r} ({tracker.tracking_uri})")
+    return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from hft_ray.config.files import read_yaml
+    from hft_ray.cli.submit import submit
+    from hft_ray.run.tracking import resolve_tracking_uri
+
+    data, _ = read_yaml(args.file, "pipeline or space")
+    kind = "tune" if isinstance(data, dict) and "space" in data and "pipeline" in data else "run"
+    if args.num_samples is not None and (kind != "tune" or args.num_samples < 1):
+        raise UserError(f"--num-samples {args.num_samples}: takes a positive number, for a tune space only")
+    extra = ["--num-samples", str(args.num_samples)] if args.num_samples else []
+    return submit(kind, args.file, args.address, overrides=args.set, tracking_uri=resolve_tracking_uri(args.tracking_uri),
+                  storage_path=args.storage_path, extra_args=extra, wait=args.wait)
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from hft_ray.run.tracking import resolve_tracking_uri
+    from hft_ray.cli.ui import serve
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: give a port in 1..65535")
+    return serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from hft_ray.cli.display import format_matrix
+    from hft_ray.core.metrics import ForgettingMatrix
+    from hft_ray.run.tracking import latest_pipeline_run, load_artifact_json, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client = MlflowClient(uri)
+    try:
+        run = latest_pipeline_run(client, args.run_id)
+    except Exception as error:  # mlflow raises its own exception for an unknown id
+        raise UserError(f"RUN_ID: no run {args.run_id!r} in {uri} ({str(error).splitlines()[0]})") from None
+    if run is None:
+        raise UserError(f"no pipeline run in {uri}; run one with: hft-ray run pipelines/quickstart.yaml")
+    methods = sorted(a.path.removeprefix("forgetting/").removesuffix(".json")
+                     for a in client.list_artifacts(run.info.run_id, "forgetting")
+                     if a.path.endswith(".json") and a.path.count(".") == 1)
+    report = {"run_id": run.info.run_id, "status": run.info.status, "methods": {}}
+    for method in methods:
+        matrix = ForgettingMatrix.from_dict(load_artifact_json(client, run.info.run_id, f"forgetting/{method}.json"))
+        metrics = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{method}.")}
+        report["methods"][method] = {"matrix": matrix.to_dict(), "summary": metrics}
+        if not args.json:
+            print(format_matrix(matrix, f"{method}:", metrics), end="\n\n")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"run {run.info.run_id} ({run.info.status}), pipeline {run.data.tags.get('hft.pipeline')}")
+    return 0

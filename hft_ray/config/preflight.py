@@ -1,0 +1,112 @@
+"""Everything checked before anything starts: the model resolves and has a role map, every
+domain loads, every prompt fits `train.max_length`. All problems are reported together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hft_ray.data.encoding import encode
+
+from hft_ray.data.loading import DomainData, load_domain
+from hft_ray.errors import UserError
+from hft_ray.train.models import load_config, resolve_source
+from hft_ray.core.roles import Geometry, assign_roles
+from hft_ray.config.spec import FileSource, PipelineSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    spec: PipelineSpec
+    domains: dict[str, DomainData]
+
+
+def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
+    """Relative data paths are relative to the pipeline file's folder."""
+    domains = {}
+    for name, domain in spec.domains.items():
+        source = domain.source
+        if isinstance(source, FileSource) and not Path(source.path).is_absolute():
+            source = FileSource(path=str((base_dir / source.path).resolve()))
+        domains[name] = domain.model_copy(update={"source": source})
+    return spec.model_copy(update={"domains": domains})
+
+
+def _check_model(spec: PipelineSpec) -> list[str]:
+    try:
+        source = resolve_source(spec.model.source)
+        config = load_config(source, spec.model.trust_remote_code)
+    except UserError as error:
+        return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+    try:
+        assign_roles({n: tuple(p.shape) for n, p in model.named_parameters()}, config.model_type,
+                     Geometry.from_config(config))
+    except UserError as error:
+        return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
+    return []
+
+
+def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
+    """Validate what the schema cannot: the model, the data, the lengths."""
+    spec = _resolve_paths(spec, Path(base_dir))
+    problems = _check_model(spec)
+    domains = {}
+    for name, domain in spec.domains.items():
+        try:
+            domains[name] = load_domain(name, _source_arg(domain.source), format=domain.format, seed=spec.seed,
+                                        eval_size=domain.eval_size, train_size=domain.train_size)
+        except UserError as error:
+            problems += error.problems
+    if not problems:
+        problems += _check_kinds(spec, domains) or _check_lengths(spec, domains)
+    if problems:
+        raise UserError(*problems)
+    return Prepared(spec, domains)
+
+
+def _source_arg(source):
+    return source if isinstance(source, str) else source.model_dump(exclude_none=True)
+
+
+def _check_kinds(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+    """DPO stages train on preference domains, SFT stages and pretraining on the others."""
+    problems = []
+    for index, stage in enumerate(spec.stages):
+        preference = domains[stage.domain].is_preference
+        if stage.kind == "dpo" and not preference:
+            problems.append(f"stages.{index}.kind: 'dpo' needs preference pairs (prompt, chosen, rejected); "
+                            f"domain {stage.domain!r} has prompt/completion rows")
+        if stage.kind == "sft" and preference:
+            problems.append(f"stages.{index}.kind: domain {stage.domain!r} holds preference pairs; "
+                            "train it with kind: dpo")
+    periodic = [name for name, method in spec.methods.items() if getattr(method, "reselect_every", 0)]
+    if periodic and spec.train.workers > 1:
+        problems.append(f"methods.{periodic[0]}.reselect_every: periodic re-selection runs on one worker; "
+                        f"set train.workers: 1 (it is {spec.train.workers})")
+    for index, name in enumerate(spec.pretrain.domains if spec.pretrain else []):
+        if domains[name].is_preference:
+            problems.append(f"pretrain.domains.{index}: {name!r} holds preference pairs; pretraining is SFT")
+    return problems
+
+
+def _check_lengths(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+    from hft_ray.train.dpo import encode_pairs
+    from hft_ray.train.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
+    problems = []
+    for name, data in domains.items():
+        try:
+            if data.is_preference:
+                encode_pairs(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length,
+                             domain=name)
+            else:
+                encode(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length, domain=name)
+        except UserError as error:
+            problems += error.problems
+    return problems

@@ -1,0 +1,207 @@
+"""The pipeline file: a validated schema (unknown keys rejected, every problem named at once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hft_ray.config.files import read_yaml
+from hft_ray.errors import UserError
+from hft_ray.core.selection import GRANULARITIES, STRATEGIES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="builtin:tiny-llama, builtin:smollm2-135m, a model folder, a .gguf file or a cached hub id")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
+
+
+class PretrainSpec(Strict):
+    """Give a built-in model base knowledge before the fine-tuning stages (full training)."""
+
+    domains: list[str] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class FileSource(Strict):
+    path: str
+
+
+class DatasetSource(Strict):
+    dataset: str
+    split: str = "train"
+    config: str | None = None
+
+
+class DomainSpec(Strict):
+    source: str | FileSource | DatasetSource = Field(description="builtin:<kind>, {path: ...} or {dataset: ...}")
+    format: Literal["auto", "prompt_completion", "chat", "preference"] = "auto"
+    eval_size: int = Field(200, gt=0, description="held-out examples (knowledge domains evaluate on what they train)")
+    train_size: int | None = Field(None, gt=0)
+
+
+class StageSpec(Strict):
+    domain: str
+    steps: int = Field(gt=0)
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+    kind: Literal["sft", "dpo"] = Field("sft", description="sft: causal-LM loss; dpo: preference pairs, DPO loss")
+    beta: float = Field(0.1, gt=0, description="DPO's beta (dpo stages only)")
+
+
+class TrainSpec(Strict):
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(1, gt=0, description="Ray Train workers per stage (DDP)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_length: int = Field(64, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    log_every: int = Field(25, gt=0, description="print the loss every N steps")
+    checkpoint_every: int = Field(100, ge=0, description="resumable checkpoint every N steps (0: at the end only)")
+    max_failures: int = Field(2, ge=0, description="restarts of a stage's worker group after a worker dies")
+
+
+class FFTMethod(Strict):
+    kind: Literal["fft"]
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
+
+
+class HFTMethod(Strict):
+    kind: Literal["hft"]
+    granularity: Literal[GRANULARITIES] = "category"  # type: ignore[valid-type]
+    ratio: float = Field(0.5, gt=0, lt=1)
+    seed: int | None = Field(None, description="the selection seed (default: the pipeline's seed); plans only")
+    select_embeddings: bool = False
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
+    reselect_every: int = Field(0, ge=0, description="draw a new plan every N steps within a stage (0: one per stage)")
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        "random", description="random: the paper's draw; importance: freeze the units that matter most to "
+                              "earlier domains (squared gradients on their data) and train the rest")
+    importance_batches: int = Field(4, gt=0, description="batches of earlier domains' data importance is measured on")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self):
+        if self.strategy == "importance" and self.granularity == "element":
+            raise ValueError("strategy: 'importance' ranks whole matrices; use granularity category, layer or model")
+        if self.strategy == "importance" and self.reselect_every:
+            raise ValueError("strategy: 'importance' draws one plan per stage; set reselect_every: 0")
+        return self
+
+
+class LoRAMethod(Strict):
+    """Baseline: low-rank adapters on every linear layer of the blocks (peft), merged after each stage."""
+
+    kind: Literal["lora"]
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
+
+
+Method = Annotated[FFTMethod | HFTMethod | LoRAMethod, Field(discriminator="kind")]
+
+
+class EvalSpec(Strict):
+    metric: Literal["exact_match", "token_accuracy"] = "exact_match"
+    max_new_tokens: int = Field(16, gt=0)
+    max_examples: int = Field(200, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class TrackingSpec(Strict):
+    experiment: str | None = Field(None, description="default: the pipeline's name")
+
+
+class OutputSpec(Strict):
+    dir: str = Field("hft_runs", description="checkpoints and Ray Train storage (a shared path on a cluster)")
+
+    @field_validator("dir")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError("storage URIs (s3://, gs://, ...) are not supported yet; give a folder every node "
+                             "reaches, such as an NFS mount")
+        return value
+
+
+class PipelineSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelSpec
+    pretrain: PretrainSpec | None = None
+    domains: dict[str, DomainSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    train: TrainSpec = TrainSpec()
+    methods: dict[str, Method] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    output: OutputSpec = OutputSpec()
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def stage_lr(self, stage: StageSpec) -> float:
+        return stage.lr or self.train.lr
+
+    def earlier_domains(self, index: int) -> list[str]:
+        """What the model knows before stage `index` (1-based): the pretrain domains and the
+        domains of earlier stages, each once, in order. Importance-aware selection protects these."""
+        names = (self.pretrain.domains if self.pretrain else []) + [s.domain for s in self.stages[:index - 1]]
+        return list(dict.fromkeys(names))
+
+
+def _cross_problems(data: dict) -> list[str]:
+    """Problems between keys, found on the raw data so they are listed beside schema errors."""
+    problems = []
+    domains = data.get("domains") if isinstance(data.get("domains"), dict) else {}
+    for index, stage in enumerate(data.get("stages") or []):
+        if isinstance(stage, dict) and "domain" in stage and stage["domain"] not in domains:
+            problems.append(f"stages.{index}.domain: {stage['domain']!r} is not a domain; "
+                            f"domains: {', '.join(domains) or '(none)'}")
+    pretrain = data.get("pretrain")
+    if isinstance(pretrain, dict):
+        for index, name in enumerate(pretrain.get("domains") or []):
+            if name not in domains:
+                problems.append(f"pretrain.domains.{index}: {name!r} is not a domain; "
+                                f"domains: {', '.join(domains) or '(none)'}")
+    return problems
+
+
+def _format_error(error: dict) -> str:
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft", "lora"):
+        del loc[2]  # the tag of the method union, not a key the user wrote
+    key = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; check its spelling against the pipeline schema (README)"
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def parse_spec(data: Any, source: str = "pipeline") -> PipelineSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of keys (name, model, domains, stages, methods, ...)")
+    problems = []
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as error:
+        problems = [_format_error(e) for e in error.errors()]
+        spec = None
+    problems += _cross_problems(data)
+    if problems:
+        raise UserError(*problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[PipelineSpec, str]:
+    """The validated spec and the file's text (logged to MLflow as run)."""
+    data, text = read_yaml(path, "pipeline", overrides)
+    return parse_spec(data, str(path)), text

@@ -1,0 +1,114 @@
+"""`hft-ray run`: the pipeline's DAG (shared/DESIGN.md, "Data flow") driven from here.
+
+    base model (+ pretrain) -> row 0
+      -> a worker group per method branch, side by side: its stages in order
+      -> each stage's checkpoint evaluated on every domain while the next stage trains
+      -> forgetting matrix per branch -> MLflow
+
+The scheduler decides (hft_ray/run/scheduler.py), the runner does it on Ray
+(hft_ray/run/runner.py), and this driver records: it is the only process writing to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hft_ray.config.preflight import Prepared
+from hft_ray.run.base import initial_checkpoint, pretrain_threads
+from hft_ray.run.cluster import Capacity, branch_slots
+from hft_ray.run.manifest import Manifest, spec_digest
+from hft_ray.run.planner import Planner
+from hft_ray.run.progress import Board
+from hft_ray.run.ray_worker import Scaling
+from hft_ray.run.recorder import Recorder
+from hft_ray.run.results import PipelineResult, record_results
+from hft_ray.run.runner import EvalSettings, RayRunner, Services
+from hft_ray.run.scheduler import Branch, Evaluate, Launch, Scheduler
+from hft_ray.run.tracking import Tracker
+
+
+class PipelineRun:
+    def __init__(self, prepared: Prepared, pipeline_text: str, tracker: Tracker, board: Board,
+                 capacity: Capacity, resume: Manifest | None = None):
+        """A new run, or with `resume` the continuation of a run whose driver died."""
+        self.spec, self.domains, self.pipeline_text = prepared.spec, prepared.domains, pipeline_text
+        self.tracker, self.board, self.capacity = tracker, board, capacity
+        if resume is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            folder = Path(self.spec.output.dir).resolve() / f"{self.spec.name}-{stamp}-{os.getpid()}"
+            resume = Manifest(folder, spec_digest(self.spec.model_dump(mode="json")))
+        else:
+            resume.attempt += 1
+            resume.take_over()
+        self.manifest = resume
+        self.output_dir = resume.folder
+        self.planner = Planner(self.spec, self.domains, self.output_dir)
+
+    def run_name(self, what: str) -> str:
+        """A new Ray Train run name per attempt (reusing one resumes that old run)."""
+        return f"{what}-{self.output_dir.name}" + (f"-a{self.manifest.attempt}" if self.manifest.attempt else "")
+
+    def run(self) -> PipelineResult:
+        spec, manifest = self.spec, self.manifest
+        if manifest.parent_run_id:
+            self.tracker.reopen(manifest.parent_run_id, manifest.attempt)
+        else:
+            manifest.parent_run_id = self.tracker.start_pipeline(
+                spec.name, spec.model_dump(mode="json"), self.pipeline_text, spec.model_dump(mode="json"),
+                str(self.output_dir))
+        manifest.save()
+        self.board.say(f"[hft-ray] MLflow parent run {manifest.parent_run_id} in experiment {spec.experiment!r} "
+                       f"({self.tracker.tracking_uri})")
+        t = spec.train
+        self.slots = min(len(spec.methods), branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity))
+        services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},
+                                  EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, t.use_gpu), self.slots)
+        runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
+                           Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
+        recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"))
+        try:
+            rows = self._drive(runner, recorder)
+            result = record_results(spec, self.tracker, manifest.parent_run_id, self.output_dir, rows)
+        except BaseException as error:
+            recorder.fail(str(error) or type(error).__name__)
+            raise
+        finally:
+            services.close()
+        self.tracker.finish(manifest.parent_run_id)
+        return result
+
+    def _drive(self, runner: RayRunner, recorder: Recorder) -> dict:
+        """The DAG: launch, evaluate and record until every branch has its matrix rows."""
+        spec, manifest = self.spec, self.manifest
+        base, pretrain_from = manifest.base.get("checkpoint"), None
+        if not base:
+            base = initial_checkpoint(spec, self.output_dir)
+            if spec.pretrain:  # the first branch launched pretrains it, the others wait for it
+                pretrain_from, base = base, str(self.planner.base)
+                self.board.say(f"[hft-ray] pretrain on {', '.join(spec.pretrain.domains)}: {spec.pretrain.steps} steps")
+            else:
+                manifest.base["checkpoint"] = base
+                manifest.save()
+        branches = [recorder.branch_from_manifest(method) for method in spec.methods]
+        scheduler = Scheduler(branches, len(spec.stages), self.slots, base, manifest.base.get("scores"), pretrain_from)
+        self._act(runner, scheduler.start(), scheduler)
+        for event in runner.events():
+            recorder.record(event)
+            self._act(runner, scheduler.on(event), scheduler)
+        return {"base": scheduler.base_row, **{b.name: b.rows for b in scheduler.branches.values()}}
+
+    def _act(self, runner: RayRunner, actions: list, scheduler: Scheduler) -> None:
+        for action in actions:
+            if isinstance(action, Launch):
+                job = self.planner.branch(action.branch, action.first, action.start, action.wait_for_start,
+                                          pretrain_threads(self.spec, self.capacity))
+                runner.launch(job, self.run_name(action.branch))
+            elif isinstance(action, Evaluate):
+                runner.evaluate(action)
+        waiting = scheduler.waiting()
+        if waiting and any(isinstance(a, Launch) for a in actions):
+            self.board.say(f"[hft-ray] {', '.join(waiting)}: waiting for a free slot "
+                           f"({scheduler.slots} branch(es) train at once here)")
+

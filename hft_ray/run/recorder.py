@@ -1,0 +1,154 @@
+"""A pipeline run's events, recorded: a child run per (method, stage) in MLflow, the manifest
+that `--resume` reads, and the lines the user sees. Nothing is recorded twice: an event heard
+again after a worker restart or a resumed driver finds its stage already done and is dropped."""
+
+from __future__ import annotations
+
+import shutil
+
+from hft_ray.config.spec import PipelineSpec
+from hft_ray.run.manifest import Manifest
+from hft_ray.run.planner import Planner
+from hft_ray.run.progress import Board
+from hft_ray.run.runner import RunFailure
+from hft_ray.run.scheduler import BaseEvaluated, Branch, BranchEnded, BranchFailed, StageEvaluated
+from hft_ray.run.tracking import SystemMetrics, Tracker
+from hft_ray.train.checkpoints import read_json
+from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
+from hft_ray.train.stage import PLAN_FILE
+
+
+class Recorder:
+    def __init__(self, spec: PipelineSpec, planner: Planner, manifest: Manifest, tracker: Tracker, board: Board,
+                 logs: str):
+        self.spec, self.planner, self.manifest, self.tracker, self.board = spec, planner, manifest, tracker, board
+        self.logs = logs
+        self.open_runs: set[str] = {manifest.parent_run_id}
+        self.system: dict[str, SystemMetrics] = {}
+        self.handlers = {StageStarted: self.stage_started, StageResumed: self.stage_resumed,
+                         StepsDone: self.steps_done, StageTrained: self.stage_trained,
+                         StageEvaluated: self.stage_evaluated, BaseEvaluated: self.base_evaluated,
+                         BranchEnded: self.branch_ended, BranchFailed: self.branch_failed}
+
+    def record(self, event) -> None:
+        self.handlers[type(event)](event)
+
+    def branch_from_manifest(self, method: str) -> Branch:
+        """What an earlier attempt of this run finished of `method` (nothing, for a new run)."""
+        done = self.manifest.finished_stages(method)
+        stages = {i: self.manifest.stage(method, i) for i in range(1, done + 1)}
+        branch = Branch(method, trained={i: e["checkpoint"] for i, e in stages.items()},
+                        rows={i: e["row"] for i, e in stages.items() if e.get("row")})
+        for index in set(branch.trained) - set(branch.rows):  # trained, not evaluated: its run stays open
+            self._reopen(stages[index]["run_id"])
+        if done:
+            self.board.say(f"[hft-ray] {method}: stages 1-{done} done in an earlier attempt")
+        return branch
+
+    def _label(self, method: str, index: int) -> str:
+        if index == 0:
+            return "pretrain"
+        return f"{method} stage {index}/{len(self.spec.stages)} ({self.spec.stages[index - 1].domain})"
+
+    def _reopen(self, run_id: str) -> None:
+        if run_id not in self.open_runs:
+            self.tracker.reopen(run_id, self.manifest.attempt)
+            self.open_runs.add(run_id)
+
+    def _stage_run(self, method: str, index: int, selection: dict) -> str:
+        """The stage's child run: this attempt's, an earlier attempt's (reopened), or a new one."""
+        entry = self.manifest.stage(method, index)
+        if entry.get("run_id"):
+            self._reopen(entry["run_id"])
+            return entry["run_id"]
+        entry["run_id"] = self.tracker.start_stage(self.manifest.parent_run_id, method, index,
+                                                   self.spec.stages[index - 1].domain)
+        self.tracker.log_selection(entry["run_id"], selection, self.planner.replay(method, index))
+        if selection.get("importance"):
+            entry["importance"] = selection["importance"]
+        self.manifest.save()
+        self.open_runs.add(entry["run_id"])
+        return entry["run_id"]
+
+    def stage_started(self, event: StageStarted) -> None:
+        if event.stage == 0:
+            self.board.stage_started(event.branch, "pretrain", event.steps)
+            return
+        run_id = self._stage_run(event.branch, event.stage, event.selection)
+        if run_id not in self.system:
+            self.system[run_id] = self.tracker.watch_system(run_id)
+        label = self._label(event.branch, event.stage)
+        self.board.stage_started(event.branch, label, event.steps)
+        self.board.say(f"[hft-ray] {label}: training {event.steps} steps on {self.spec.train.workers} worker(s), "
+                       f"{event.trainable / event.total:.0%} of parameters trained")
+        strategy = self.spec.methods[event.branch].model_dump().get("strategy")
+        if strategy == "importance" and event.selection.get("importance"):
+            scores = event.selection["importance"]
+            top = sorted(scores, key=scores.get, reverse=True)[:3]
+            self.board.say(f"[hft-ray] {label}: most important to earlier domains: {', '.join(top)} (frozen)")
+        elif strategy == "importance":
+            self.board.say(f"[hft-ray] {label}: nothing learnt earlier to protect (no pretrain block): a random draw")
+
+    def stage_resumed(self, event: StageResumed) -> None:
+        self.board.say(f"[hft-ray] {self._label(event.branch, event.stage)}: resuming at step {event.step + 1} "
+                       "after a worker failure")
+
+    def steps_done(self, event: StepsDone) -> None:
+        self.board.steps_done(event.branch, self._label(event.branch, event.stage), event.step, event.steps,
+                              event.loss, event.steps_per_s)
+
+    def stage_trained(self, event: StageTrained) -> None:
+        if event.stage == 0:
+            return self.pretrained(event)
+        entry = self.manifest.stage(event.branch, event.stage)
+        if entry.get("checkpoint"):
+            return  # heard again after a restart
+        run_id = self._stage_run(event.branch, event.stage, read_json(event.checkpoint, PLAN_FILE))
+        if run_id in self.system:
+            self.system.pop(run_id).stop()
+        self.tracker.log_training(run_id, event.losses, event.train_s, event.step_s)
+        entry["checkpoint"] = event.checkpoint
+        self.manifest.save()
+        self.board.say(f"[hft-ray] {self._label(event.branch, event.stage).split(' (')[0]} done: loss "
+                       f"{event.losses[-1]:.4f}, {event.train_s:.0f}s, {event.step_s * 1000:.0f} ms/step")
+
+    def pretrained(self, event: StageTrained) -> None:
+        """The base model, pretrained in `event.branch`'s worker group (stage 0)."""
+        self.manifest.base["checkpoint"] = event.checkpoint
+        self.manifest.save()
+        shutil.rmtree(self.planner.folder / "init", ignore_errors=True)  # the untrained weights
+        self.board.say(f"[hft-ray] pretrain done: loss {event.losses[-1]:.4f} in {event.train_s:.0f}s")
+
+    def stage_evaluated(self, event: StageEvaluated) -> None:
+        entry = self.manifest.stage(event.branch, event.stage)
+        metric = self.spec.eval.metric
+        self.tracker.log_metrics(entry["run_id"], {
+            **{f"eval/{d}": s[metric] for d, s in event.row.items()},
+            **{f"eval_all/{d}/{m}": v for d, s in event.row.items() for m, v in s.items()}})
+        self.tracker.finish(entry["run_id"])
+        self.open_runs.discard(entry["run_id"])
+        entry["row"] = event.row
+        self.manifest.save()
+        self.board.say(f"[hft-ray] {event.branch} after stage {event.stage}: {self._row_text(event.row)}")
+
+    def base_evaluated(self, event: BaseEvaluated) -> None:
+        self.manifest.base["scores"] = event.row
+        self.manifest.save()
+        self.board.say(f"[hft-ray] base: {self._row_text(event.row)}")
+
+    def branch_ended(self, event: BranchEnded) -> None:
+        pass
+
+    def branch_failed(self, event: BranchFailed) -> None:
+        raise RunFailure(f"{event.branch} failed: {event.reason}; logs under {self.logs}")
+
+    def _row_text(self, row: dict) -> str:
+        return "  ".join(f"{d}={s[self.spec.eval.metric]:.2f}" for d, s in row.items())
+
+    def fail(self, reason: str) -> None:
+        """End every open run FAILED with `reason` (never leave one RUNNING)."""
+        for watcher in self.system.values():
+            watcher.stop()
+        self.system.clear()
+        for run_id in self.open_runs:
+            self.tracker.fail(run_id, reason)

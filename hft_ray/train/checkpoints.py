@@ -1,0 +1,87 @@
+"""Stage checkpoints: safetensors weights + config + tokenizer (loadable with
+`from_pretrained`) + JSON side files (the selection plan, the training log).
+
+A checkpoint is written into a temporary sibling folder and renamed into place, so a folder
+with the final name is always whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import transformers
+
+# Per-shard progress bars on every load and save drown the pipeline's own progress lines.
+transformers.utils.logging.disable_progress_bar()
+
+
+def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> Path:
+    """Save atomically; `files` maps a JSON file name to its content."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_into(staging, model, tokenizer, files)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> None:
+    """Save into an existing (temporary) folder, e.g. one Ray Train then persists."""
+    directory = Path(directory)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    for name, content in (files or {}).items():
+        (directory / name).write_text(json.dumps(content))
+
+
+def load_checkpoint(directory: str | Path):
+    """(model, tokenizer) from a checkpoint folder; weights only from safetensors."""
+    directory = str(directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+def read_json(directory: str | Path, name: str):
+    return json.loads((Path(directory) / name).read_text())
+
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
+
+
+def save_optimizer(directory: str | Path, optimizer) -> None:
+    """An optimizer's state as safetensors (tensors) + JSON (param groups): no pickle."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().contiguous().cpu()
+               for index, entry in state["state"].items() for name, value in entry.items()}
+    save_file(tensors, str(Path(directory) / OPTIMIZER_TENSORS))
+    (Path(directory) / OPTIMIZER_GROUPS).write_text(json.dumps(state["param_groups"]))
+
+
+def read_optimizer(directory: str | Path) -> dict:
+    """The optimizer state `save_optimizer` wrote, as `optimizer.load_state_dict` takes it."""
+    from safetensors.torch import load_file
+
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(Path(directory) / OPTIMIZER_TENSORS)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": read_json(directory, OPTIMIZER_GROUPS)}
+
+
+def is_whole(directory: str | Path) -> bool:
+    """Whether a checkpoint folder exists under its final name (so it was written whole)."""
+    return (Path(directory) / "config.json").is_file()

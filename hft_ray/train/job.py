@@ -1,0 +1,67 @@
+"""What a branch's workers are asked to do: plain data, the same under Ray Train, torchrun and
+one process. A job round-trips through JSON, so `python -m hft_ray.train JOB.json` runs it
+where neither Ray nor the pipeline file's schema is installed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hft_ray.data.domains import Example, Preference
+
+
+@dataclass(frozen=True)
+class StageJob:
+    index: int                 # the stage's number in the pipeline, 1-based (0: pretraining)
+    label: str                 # "hft stage 2/3 (caesar)", for progress lines
+    examples: tuple[Example, ...] | tuple[Preference, ...]
+    steps: int
+    lr: float
+    seed: int                  # the batch order; seed * 1000 + index in a pipeline
+    output: str                # the stage's checkpoint folder: written whole or not at all
+    method: dict = field(default_factory=lambda: {"kind": "fft"})  # see hft_ray.train.methods
+    loss: str = "sft"          # "sft": causal-LM loss; "dpo": preference pairs against the stage's start
+    beta: float = 0.1          # DPO's beta
+    earlier: tuple[tuple[Example, ...], ...] = ()  # what the model learnt before (importance-aware HFT)
+    threads: int = 0           # torch threads on CPU for this stage (0: the branch's)
+
+
+@dataclass(frozen=True)
+class BranchJob:
+    """One method's stages, in order, from `start` (a checkpoint folder)."""
+
+    name: str                  # the method's name in the pipeline ("hft"), or "pretrain"
+    start: str
+    stages: tuple[StageJob, ...]
+    batch_size: int = 32
+    max_length: int = 64
+    weight_decay: float = 0.0
+    log_every: int = 25
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: stage ends only)
+    threads: int = 1           # torch intra-op threads per worker on CPU
+    wait_for_start: bool = False  # `start` is being written elsewhere (another branch pretrains it)
+
+    def start_of(self, index: int) -> str:
+        """The checkpoint stage `index` starts from: the stage before's, or the branch's start."""
+        position = [s.index for s in self.stages].index(index)
+        return self.stages[position - 1].output if position else self.start
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BranchJob:
+        data = json.loads(text)
+        stages = tuple(StageJob(**{**s, "examples": tuple(_example(e) for e in s["examples"]),
+                                   "earlier": tuple(tuple(_example(e) for e in part) for part in s["earlier"])})
+                       for s in data.pop("stages"))
+        return cls(**data, stages=stages)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BranchJob:
+        return cls.from_json(Path(path).read_text())
+
+
+def _example(row: dict) -> Example | Preference:
+    return Preference(**row) if "chosen" in row else Example(**row)

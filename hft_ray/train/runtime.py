@@ -1,0 +1,64 @@
+"""The process a branch trains in: threads, denormals, the process group, the device, DDP.
+
+Under Ray Train the process group exists already (TorchTrainer sets it up and the RANK,
+LOCAL_RANK, WORLD_SIZE variables); under torchrun it is created here from the same variables;
+alone, there is none (world size 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the parameters that require grad now (freeze before this), when world > 1."""
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def start_runtime(threads: int) -> Runtime:
+    """Join (or, under torchrun, create) the process group and set up this process for training."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        # Ray Train may show a worker every GPU of its node or only its own: either way this is it.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # One intra-op thread per CPU this worker holds: a 1-CPU worker spinning two OpenMP
+        # threads beside another worker slows both down.
+        torch.set_num_threads(max(1, threads))
+        # Adam's second moments underflow into denormal floats, which x86 handles in microcode:
+        # an FFT step of SmolLM2 took 42-48 s with them, 5-6 s without (benchmarks/README.md).
+        torch.set_flush_denormal(True)
+    return Runtime(dist.get_rank() if dist.is_initialized() else 0, world, device)

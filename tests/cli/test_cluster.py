@@ -1,0 +1,239 @@
+"""`hft-ray submit` and `hft-ray ui` end to end, on the real things: a Ray head started with
+`ray start --head` (loopback, its own temp dir and ports, token authentication on), Ray Jobs,
+an MLflow server, and a headless Chromium loading the run's page.
+
+The head is stopped by killing the process group it was started in: only its own processes.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hft_ray.cli.submit import job_exit_code
+
+ARTIFACTS = Path(os.environ.get("HFT_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
+HFT_RAY = [sys.executable, "-m", "hft_ray"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answers (401 without the token)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{what} did not answer on {url} within {timeout}s")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Kill the process group `process` leads (started with start_new_session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray cluster on loopback with token authentication on."""
+    temp = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               # Ray otherwise registers the node under this machine's network address.
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--temp-dir", str(temp),
+               "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
+               "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats",
+               *[str(x) for pair in ports.items() for x in pair]]
+    log = (temp / "head.log").open("w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        try:
+            wait_for(f"{address}/api/version", head, 180, "ray start --head")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; its log ends:\n{(temp / 'head.log').read_text()[-3000:]}") from None
+        yield {"address": address, "token": token, "temp": temp}
+    finally:
+        stop_group(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def client_env(token: str) -> dict:
+    """The submitting user's environment: the token only (no RAY_AUTH_MODE: hft-ray sends it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+def jobs(head):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["address"], headers={"Authorization": f"Bearer {head['token']}"})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A user's folder: a small pipeline that names a local data file."""
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "data").mkdir()
+    rows = [{"prompt": f"N {w}:", "completion": f" {w[::-1]}"} for w in
+            ("abc", "hello", "ray", "mlflow", "torch", "stage", "half", "tune", "domain", "loss", "model", "query")]
+    (folder / "data" / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (folder / "pipeline.yaml").write_text("""\
+name: cluster-smoke
+model: {source: builtin:tiny-llama}
+domains:
+  notes: {source: {path: data/notes.jsonl}, eval_size: 8}
+  upper: {source: builtin:upper, eval_size: 8}
+stages:
+  - {domain: notes, steps: 4}
+train: {lr: 2.0e-3, batch_size: 8, max_length: 32, log_every: 2}
+methods:
+  hft: {kind: hft, granularity: category, ratio: 0.5}
+eval: {max_new_tokens: 6, max_examples: 8}
+""")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, project):
+    """`hft-ray submit --wait` of the project's pipeline, run from the project folder."""
+    result = subprocess.run(
+        [*HFT_RAY, "submit", "pipeline.yaml", "--address", ray_head["address"], "--wait",
+         "--tracking-uri", f"sqlite:///{project}/mlflow.db", "--storage-path", str(project / "runs")],
+        capture_output=True, text=True, timeout=600, cwd=project, env=client_env(ray_head["token"]))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ids = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("job: ", "mlflow run: ")))
+    return {"job": ids["job"], "run": ids["mlflow run"], "stdout": result.stdout, "stderr": result.stderr,
+            "client": MlflowClient(f"sqlite:///{project}/mlflow.db")}
+
+
+def test_submit_wait_streams_the_job_and_prints_its_ids(ray_head, submitted):
+    assert "[hft-ray] hft stage 1/1 (notes): step 4/4 loss" in submitted["stdout"], "the job's logs are streamed"
+    assert "carried data/notes.jsonl with the job" in submitted["stderr"]
+    info = jobs(ray_head).get_job_info(submitted["job"])
+    assert str(info.status) == "SUCCEEDED" and info.driver_exit_code == 0
+    assert info.entrypoint.startswith("python -m hft_ray run pipeline.yaml --tracking-uri sqlite:///")
+
+
+def test_the_job_records_mlflow_runs_and_checkpoints_where_told(project, submitted):
+    client = submitted["client"]
+    parent = client.get_run(submitted["run"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["hft.pipeline"] == "cluster-smoke"
+    assert parent.data.params["domains.notes.source.path"].endswith("notes.jsonl")
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [(c.data.tags["hft.method"], c.data.tags["hft.domain"], c.info.status) for c in children] == [
+        ("hft", "notes", "FINISHED")]
+    assert {"eval/notes", "eval/upper"} <= set(children[0].data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "forgetting")} >= {"forgetting/hft.png",
+                                                                                        "forgetting/hft.json"}
+    runs = list((project / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "result.json").is_file() and (runs[0] / "base").is_dir()
+
+
+def test_a_bad_file_is_refused_before_anything_is_submitted(ray_head, project):
+    before = len(jobs(ray_head).list_jobs())
+    result = subprocess.run([*HFT_RAY, "submit", "pipeline.yaml", "--address", ray_head["address"],
+                             "--set", "train.lr=-1", "--set", "stages.0.domain=nowhere"],
+                            capture_output=True, text=True, timeout=120, cwd=project, env=client_env(ray_head["token"]))
+    assert result.returncode == 2, result.stderr
+    assert "train.lr" in result.stderr and "'nowhere' is not a domain" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(jobs(ray_head).list_jobs()) == before
+
+
+def test_a_wrong_token_is_refused_with_exit_2(ray_head, project):
+    result = subprocess.run([*HFT_RAY, "submit", "pipeline.yaml", "--address", ray_head["address"]],
+                            capture_output=True, text=True, timeout=120, cwd=project, env=client_env("not-the-token"))
+    assert result.returncode == 2
+    assert "refused the Ray token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_wait_returns_with_the_ids_and_a_failing_job_ends_failed(ray_head, project):
+    """Without --wait the command returns once the job names its MLflow run. This job fails at
+    run time (the loss diverges): the job ends FAILED with exit code 1, and so does the run."""
+    result = subprocess.run([*HFT_RAY, "submit", "pipeline.yaml", "--address", ray_head["address"],
+                             "--set", "train.lr=1e12", "--tracking-uri", f"sqlite:///{project}/mlflow.db",
+                             "--storage-path", str(project / "failing")],
+                            capture_output=True, text=True, timeout=300, cwd=project, env=client_env(ray_head["token"]))
+    ids = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert result.returncode in (0, 1), result.stderr  # 1 only if the job failed before the command returned
+    assert len(ids["mlflow run"]) == 32, result.stdout
+    client = jobs(ray_head)
+    deadline = time.monotonic() + 300
+    while not client.get_job_status(ids["job"]).is_terminal() and time.monotonic() < deadline:
+        time.sleep(2)
+    info = client.get_job_info(ids["job"])
+    assert str(info.status) == "FAILED" and info.driver_exit_code == 1 and job_exit_code(info) == 1
+    assert "loss is" in client.get_job_logs(ids["job"])
+    run = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(ids["mlflow run"])
+    assert run.info.status == "FAILED" and "loss is" in run.data.tags["hft.error"]
+
+
+def test_ui_serves_the_run_its_heatmap_and_its_page(project, submitted):
+    port = free_port()
+    ui = subprocess.Popen([*HFT_RAY, "ui", "--tracking-uri", f"sqlite:///{project}/mlflow.db", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert ui.stdout.readline().strip() == f"MLflow UI for sqlite:///{project}/mlflow.db: open {base} (Ctrl-C stops it)"
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, "the UI binds loopback only, unless told otherwise"
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={submitted['run']}") as response:
+            run = json.load(response)["run"]
+        assert run["info"]["status"] == "FINISHED"
+        assert {m["key"] for m in run["data"]["metrics"]} >= {"hft.OP", "hft.heldout_delta"}
+        with urllib.request.urlopen(f"{base}/get-artifact?path=forgetting/hft.png&run_uuid={submitted['run']}") as response:
+            assert response.read(8) == b"\x89PNG\r\n\x1a\n"
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does): page screenshot not taken")
+        experiment = run["info"]["experiment_id"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "mlflow-run-page.png"
+        shot.unlink(missing_ok=True)
+        page = f"{base}/#/experiments/{experiment}/runs/{submitted['run']}/artifacts/forgetting/hft.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1400,900", "--virtual-time-budget=20000", f"--screenshot={shot}", page],
+                       capture_output=True, timeout=180, check=True)
+        assert shot.stat().st_size > 20_000, "a rendered page, not a blank one"
+    finally:
+        ui.send_signal(signal.SIGINT)  # as Ctrl-C: hft-ray stops its server
+        ui.wait(timeout=60)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/health", timeout=2)

@@ -1,0 +1,142 @@
+"""Pipeline files: every shipped one loads; bad ones exit 2 naming every problem, start nothing."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hft_ray.cli import main
+from hft_ray.errors import UserError
+from hft_ray.config.preflight import prepare
+from hft_ray.config.spec import load_spec
+
+PIPELINES = sorted((Path(__file__).parents[2] / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_every_shipped_pipeline_validates_and_its_data_loads(path):
+    spec, text = load_spec(path)
+    prepared = prepare(spec, path.parent)
+    assert set(prepared.domains) == set(spec.domains)
+    assert all(prepared.domains[s.domain].train for s in spec.stages)
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    spec, _ = load_spec(PIPELINES[0], ["train.lr=3e-4", "stages.0.steps=7", "methods.hft.ratio=0.25"])
+    assert spec.train.lr == 3e-4 and spec.stages[0].steps == 7 and spec.methods["hft"].ratio == 0.25
+
+
+GOOD = {
+    "name": "t", "model": {"source": "builtin:tiny-llama"},
+    "domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "b.jsonl"}}},
+    "stages": [{"domain": "a", "steps": 5}, {"domain": "b", "steps": 5}],
+    "methods": {"fft": {"kind": "fft"}, "hft": {"kind": "hft"}},
+}
+
+CASES = [
+    ("not yaml", "name: [unclosed", ["not valid YAML"]),
+    ("not a mapping", "- a\n- b", ["expected a mapping"]),
+    ("unknown top key", {"epochs": 3}, ["epochs: unknown key"]),
+    ("unknown nested key", {"train": {"learning_rate": 1}}, ["train.learning_rate: unknown key"]),
+    ("missing model", {"model": None}, ["model:"]),
+    ("stage names unknown domain", {"stages": [{"domain": "zzz", "steps": 5}]}, ["stages.0.domain: 'zzz' is not a domain"]),
+    ("zero steps", {"stages": [{"domain": "a", "steps": 0}]}, ["stages.0.steps: Input should be greater than 0"]),
+    ("ratio outside (0,1)", {"methods": {"hft": {"kind": "hft", "ratio": 1.5}}}, ["methods.hft.ratio: Input should be less than 1"]),
+    ("unknown granularity", {"methods": {"hft": {"kind": "hft", "granularity": "rows"}}},
+     ["methods.hft.granularity: Input should be 'category', 'layer', 'model' or 'element'"]),
+    ("unknown method kind", {"methods": {"x": {"kind": "magic"}}}, ["methods.x"]),
+    ("unknown strategy", {"methods": {"hft": {"kind": "hft", "strategy": "fisher"}}},
+     ["methods.hft.strategy: Input should be 'random' or 'importance'"]),
+    ("importance at element level", {"methods": {"hft": {"kind": "hft", "granularity": "element", "strategy": "importance"}}},
+     ["methods.hft: strategy: 'importance' ranks whole matrices; use granularity category, layer or model"]),
+    ("importance with re-selection", {"methods": {"hft": {"kind": "hft", "strategy": "importance", "reselect_every": 5}}},
+     ["methods.hft: strategy: 'importance' draws one plan per stage; set reselect_every: 0"]),
+    ("no stages", {"stages": []}, ["stages: List should have at least 1 item"]),
+    ("wrong type", {"train": {"batch_size": "many"}}, ["train.batch_size: Input should be a valid integer"]),
+    ("missing data file", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "nope.jsonl"}}}},
+     ["nope.jsonl"]),
+    ("unknown builtin domain", {"domains": {"a": {"source": "builtin:poetry"}, "b": {"source": {"path": "b.jsonl"}}}},
+     ["poetry"]),
+    ("model path missing", {"model": {"source": "./no/such/model"}}, ["model.source:", "no/such/model"]),
+    ("unknown builtin model", {"model": {"source": "builtin:tiny-bloom"}}, ["model.source: 'builtin:tiny-bloom' is not a built-in model"]),
+    ("pretrain unknown domain", {"pretrain": {"domains": ["zzz"], "steps": 3}}, ["pretrain.domains.0: 'zzz' is not a domain"]),
+    ("max_length shorter than prompts", {"train": {"max_length": 3}}, ["max_length"]),
+    ("bad name", {"name": "a b/c"}, ["name: String should match pattern"]),
+    ("duplicate domain name", "domains:\n  a: {source: builtin:upper}\n  a: {source: builtin:caesar}\n",
+     ["not valid YAML", "duplicate key 'a'"]),
+    ("empty data file", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "empty.jsonl"}}}},
+     ["empty.jsonl", "is empty"]),
+    ("rows without the needed fields", {"domains": {"a": {"source": "builtin:upper"},
+                                                   "b": {"source": {"path": "nofields.jsonl"}}}}, ["nofields.jsonl"]),
+    ("architecture with no role map", {"model": {"source": "./bloom"}}, ["model.source:", "bloom"]),
+    ("model code not trusted", {"model": {"source": "./custom"}}, ["model.trust_remote_code: true"]),
+    ("negative lr", {"train": {"lr": -0.1}}, ["train.lr: Input should be greater than 0"]),
+    ("unknown eval metric", {"eval": {"metric": "bleu"}}, ["eval.metric: Input should be 'exact_match' or 'token_accuracy'"]),
+    ("negative checkpoint_every", {"train": {"checkpoint_every": -5}}, ["train.checkpoint_every"]),
+    ("negative max_failures", {"train": {"max_failures": -1}}, ["train.max_failures"]),
+    ("storage URI", {"output": {"dir": "s3://bucket/runs"}}, ["output.dir: storage URIs"]),
+    ("stages not a list", {"stages": {"domain": "a"}}, ["stages: Input should be a valid list"]),
+    ("no methods", {"methods": {}}, ["methods: Dictionary should have at least 1 item"]),
+    ("no domains", {"domains": {}, "stages": [{"domain": "a", "steps": 1}]}, ["domains: Dictionary should have at least 1 item"]),
+    ("ratio zero", {"methods": {"hft": {"kind": "hft", "ratio": 0}}}, ["methods.hft.ratio: Input should be greater than 0"]),
+    ("unknown tracking key", {"tracking": {"uri": "x"}}, ["tracking.uri: unknown key"]),
+    ("dpo stage on an SFT domain", {"stages": [{"domain": "a", "steps": 3, "kind": "dpo"}]},
+     ["stages.0.kind: 'dpo' needs preference pairs"]),
+    ("sft stage on a preference domain", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": "builtin:prefer"}},
+                                          "stages": [{"domain": "b", "steps": 3}]}, ["train it with kind: dpo"]),
+    ("unknown stage kind", {"stages": [{"domain": "a", "steps": 3, "kind": "ppo"}]},
+     ["stages.0.kind: Input should be 'sft' or 'dpo'"]),
+    ("preference rows lacking rejected", {"domains": {"a": {"source": "builtin:upper"},
+                                                     "b": {"source": {"path": "pairs.jsonl"}, "format": "preference"}}},
+     ["lack 'rejected'"]),
+]
+
+
+def _write(tmp_path, content):
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x=", "completion": "y"}\n' * 20)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "x=", "chosen": "y"}\n' * 20)
+    (tmp_path / "nofields.jsonl").write_text('{"question": "x=", "answer": "y"}\n' * 20)
+    (tmp_path / "bloom").mkdir(exist_ok=True)
+    (tmp_path / "bloom" / "config.json").write_text(json.dumps({"model_type": "bloom", "n_layer": 2, "n_head": 2,
+                                                                "hidden_size": 16, "vocab_size": 64}))
+    (tmp_path / "custom").mkdir(exist_ok=True)
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {"model_type": "custom-x", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    # Run, it would leave a marker: the test checks it never ran.
+    (tmp_path / "custom" / "configuration_x.py").write_text(
+        f"open({str(tmp_path / 'code-ran')!r}, 'w').close()\nfrom transformers import PretrainedConfig\n"
+        "class XConfig(PretrainedConfig):\n    model_type = 'custom-x'\n")
+    path = tmp_path / "p.yaml"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        data = {**GOOD, **content}
+        path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    return path
+
+
+@pytest.mark.parametrize("case,content,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_pipeline_exits_2_naming_the_problem_and_starts_nothing(tmp_path, monkeypatch, capsys, case, content, expected):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, content)
+    assert main(["run", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    err = capsys.readouterr().err
+    for fragment in expected:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "hft_runs").exists()
+    assert not (tmp_path / "code-ran").exists(), "a model's own code runs only with trust_remote_code"
+
+
+def test_several_problems_are_reported_together(tmp_path):
+    path = _write(tmp_path, {"train": {"lr": -1}, "stages": [{"domain": "zzz", "steps": 5}], "typo": 1})
+    with pytest.raises(UserError) as caught:
+        load_spec(path)
+    assert len(caught.value.problems) == 3
+
+
+def test_the_good_file_itself_is_accepted(tmp_path):
+    spec, _ = load_spec(_write(tmp_path, {}))
+    assert prepare(spec, tmp_path).domains["b"].train

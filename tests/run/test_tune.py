@@ -1,0 +1,203 @@
+"""`hft-ray tune`: every shipped space file loads; bad ones exit 2 before Ray starts; the smoke
+search end to end on real Ray Tune, Ray Train and MLflow (sqlite), read back with MlflowClient."""
+
+import csv
+import io
+import json
+import subprocess
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from hft_ray.cli import main
+from hft_ray.config.preflight import prepare
+from hft_ray.config.spec import load_spec
+from hft_ray.config.space import Objective, load_space, objective_value
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+ROOT = Path(__file__).parents[2]
+SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
+def test_every_shipped_space_validates_with_its_pipeline(path):
+    loaded = load_space(path)
+    prepared = prepare(loaded.spec, loaded.pipeline_path.parent)
+    assert all(prepared.domains[s.domain].train for s in loaded.spec.stages)
+
+
+def test_the_demo_searches_at_least_8_trials():
+    space = load_space(ROOT / "tune_spaces" / "selection.yaml").space
+    grid = len(space.space.granularity) * len(space.space.ratio)
+    assert grid * space.num_samples >= 8
+
+
+def test_objective_combines_op_and_bwt_and_counts_undefined_bwt_as_zero():
+    combo = Objective(metric="OP+BWT", bwt_weight=0.5)
+    assert objective_value(combo, {"OP": 0.6, "BWT": -0.2}) == pytest.approx(0.5)
+    assert objective_value(combo, {"OP": 0.6}) == pytest.approx(0.6)  # after stage 1
+    assert Objective(metric="forgetting").direction == "min" and Objective().direction == "max"
+
+
+GOOD = {"pipeline": str(ROOT / "pipelines" / "smoke.yaml"),
+        "space": {"granularity": ["category"], "ratio": [0.5]}}
+
+CASES = [
+    ("not a mapping", "- a", ["expected a mapping"]),
+    ("unknown top key", {"trials": 3}, ["trials: unknown key", "valid keys"]),
+    ("unknown space key", {"space": {"rank": [1]}}, ["space.rank: unknown key"]),
+    ("unknown granularity", {"space": {"granularity": ["rows"]}},
+     ["space.granularity", "'rows'", "'category', 'layer', 'model' or 'element'"]),
+    ("ratio outside (0,1)", {"space": {"ratio": [0.5, 1.5]}}, ["space.ratio", "less than 1", "1.5"]),
+    ("sampler not for the key", {"space": {"seed": {"uniform": [1, 2]}}}, ["space.seed.uniform: not for seed", "choice"]),
+    ("two samplers", {"space": {"ratio": {"choice": [0.5], "uniform": [0.1, 0.2]}}}, ["space.ratio: give exactly one of"]),
+    ("bad choice", {"space": {"granularity": {"choice": ["rows"]}}}, ["space.granularity.choice: ['rows'] not valid", "layer"]),
+    ("bad uniform", {"space": {"ratio": {"uniform": [0.8, 0.2]}}}, ["space.ratio.uniform: [0.8, 0.2]", "low < high"]),
+    ("bad strategy", {"space": {"strategy": ["fisher"]}}, ["space.strategy", "'random' or 'importance'"]),
+    ("importance beside element", {"space": {"strategy": ["random", "importance"], "granularity": ["layer", "element"]}},
+     ["space.strategy: 'importance' ranks whole matrices and cannot pair with granularity element"]),
+    ("importance beside re-selection", {"space": {"strategy": {"choice": ["importance"]}, "reselect_every": [0, 5]}},
+     ["space.strategy: 'importance' draws one plan per stage and cannot pair with reselect_every > 0"]),
+    ("unknown objective", {"objective": {"metric": "accuracy"}},
+     ["objective.metric", "'accuracy'", "'OP', 'BWT', 'forgetting', 'heldout_delta' or 'OP+BWT'"]),
+    ("unknown scheduler", {"scheduler": "hyperband"}, ["scheduler.kind: 'hyperband'", "fifo or asha"]),
+    ("zero grace period", {"scheduler": {"kind": "asha", "grace_period": 0}}, ["scheduler.grace_period", "greater than 0"]),
+    ("missing pipeline", {"pipeline": "nope.yaml"}, ["pipeline: 'nope.yaml' does not exist"]),
+    ("set names nothing", {"set": {"stages.7.steps": 3}}, ["set.stages.7.steps: 3 does not name an entry"]),
+    ("set breaks the pipeline", {"set": {"train.lr": -1}}, ["smoke.yaml (after set): train.lr", "greater than 0"]),
+]
+
+
+@pytest.mark.parametrize("case, content, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_space_exits_2_naming_the_problem(case, content, expected, tmp_path, capsys, monkeypatch):
+    import ray
+
+    path = tmp_path / "space.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump({**GOOD, **content}))
+    monkeypatch.setattr("hft_ray.run.cluster.init_ray", lambda *args: pytest.fail("Ray started on bad input"))
+    assert main(["tune", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, f"{case}: {text!r} not in {err}"
+    assert not ray.is_initialized() and not (tmp_path / "m.db").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    """The smoke search (4 trials x 2 stages, ASHA) through the console script."""
+    folder = tmp_path_factory.mktemp("tune")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    started = time.perf_counter()
+    result = subprocess.run(
+        ["hft-ray", "tune", str(ROOT / "tune_spaces" / "smoke.yaml"), "--tracking-uri", uri, "--json",
+         "--set", f"set.output.dir={folder}/runs"],
+        capture_output=True, text=True, timeout=1200, cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(f"smoke search: {time.perf_counter() - started:.0f}s")
+    return json.loads(result.stdout), MlflowClient(uri), result.stderr
+
+
+def test_search_logs_parent_and_one_child_run_per_trial(finished_search):
+    out, client, stderr = finished_search
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["hft.kind"] == "tune"
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) >= 3
+    for child in children:
+        assert child.data.tags["hft.kind"] == "trial"
+        assert child.data.params["granularity"] == "category" and child.data.params["ratio"] in ("0.25", "0.75")
+        stopped = child.data.tags["hft.stopped_early"] == "true"
+        assert child.info.status == ("KILLED" if stopped else "FINISHED")
+        assert "objective" in child.data.metrics and "eval/upper" in child.data.metrics
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "objective")]
+        assert steps == ([1] if stopped else [1, 2])  # one report per stage
+        matrix = json.loads(Path(client.download_artifacts(child.info.run_id, "forgetting/trial.json")).read_text())
+        assert len(matrix["scores"]) == len(steps) + 1
+    assert {c.data.params["strategy"] for c in children} == {"random", "importance"}
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert "stage 2/2" in stderr
+
+
+def test_results_table_best_config_and_best_pipeline(finished_search):
+    out, client, _ = finished_search
+    run_id = out["parent_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"results.csv", "objective_vs_ratio.png", "best_config.json", "best_pipeline.yaml"} <= artifacts
+    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(run_id, "results.csv")).read_text())))
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert len(table) == len(children) == len(out["trials"])
+    assert {r["run_id"] for r in table} == {c.info.run_id for c in children}
+    best = json.loads(Path(client.download_artifacts(run_id, "best_config.json")).read_text())
+    finished = [r for r in table if r["status"] == "finished"]
+    assert best["objective"] == pytest.approx(max(float(r["objective"]) for r in finished))
+    assert client.get_run(run_id).data.params["best.ratio"] == str(best["config"]["ratio"])
+    spec, _ = load_spec(out["best_pipeline"])
+    assert set(spec.methods) == {"fft", "best"}
+    assert spec.methods["best"].ratio == best["config"]["ratio"]
+    assert [s.steps for s in spec.stages] == [10, 10]  # the search's `set:` carried over
+
+
+def test_the_best_trials_pipeline_file_trains_the_same_matrix_with_hft_ray_run(finished_search, run_pipeline,
+                                                                             tmp_path):
+    """One code path builds a trial's branch and a pipeline's (hft_ray/run/planner.py): the same
+    data, seeds and plans give the same matrix on the same machine."""
+    out, _, _ = finished_search
+    best = out["best"]
+    assert set(best["matrix"]) == {"columns", "rows", "stage_domains", "scores"}
+    again, _, _, _ = run_pipeline(tmp_path, Path(out["best_pipeline"]).read_text())
+    assert again["methods"]["best"]["matrix"] == best["matrix"]
+
+
+def test_a_search_whose_driver_died_is_resumed_without_duplicate_runs(tmp_path):
+    """Two trials one at a time; the driver is killed once the first has reported stage 1, then
+    `hft-ray tune --resume` finishes the search in the same MLflow runs."""
+    import re
+    import signal
+    import sys
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "pipeline": str(ROOT / "pipelines" / "smoke.yaml"),
+        "set": {"stages.0.steps": 30, "stages.1.steps": 30, "eval.metric": "token_accuracy",
+                "output.dir": str(tmp_path / "runs")},
+        "space": {"ratio": [0.25, 0.75]}, "objective": {"metric": "OP"}, "max_concurrent": 1}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, "-m", "hft_ray", "tune", str(space), "--tracking-uri", uri, "--json"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              start_new_session=True)
+    log = []
+    try:
+        for line in driver.stderr:
+            log.append(line)
+            if re.search(r"trial \S+ stage 1/2: objective", line):
+                os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it embeds
+                break
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == -signal.SIGKILL, "".join(log)[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.`hft.kind` = 'tune'")
+    assert parent.info.status == "RUNNING"
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = json.loads(resumed.stdout)
+    assert out["parent_run_id"] == parent.info.run_id
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["hft.attempt"] == "1"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and len(out["trials"]) == 2, "no trial run twice"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "objective")] == [1, 2]
+    assert out["best"] is not None

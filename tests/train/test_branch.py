@@ -1,0 +1,117 @@
+"""The branch train function without Ray: in this process, after a crash, and under torchrun."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hft_ray.data.domains import BUILTIN_DOMAINS
+from hft_ray.train.branch import train_branch
+from hft_ray.train.channel import LocalChannel
+from hft_ray.train.checkpoints import write_checkpoint
+from hft_ray.train.events import StageStarted, StageTrained, StepsDone
+from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.models import load_model, load_tokenizer
+
+HFT = {"kind": "hft", "granularity": "category", "ratio": 0.5, "seed": 0}
+
+
+def examples(kind: str, n: int, seed: int):
+    return tuple(BUILTIN_DOMAINS[kind].generate(random.Random(seed), n))
+
+
+def make_job(folder: Path, method: dict = HFT, steps: int = 12, checkpoint_every: int = 0) -> BranchJob:
+    base = folder / "base"
+    if not base.exists():
+        write_checkpoint(base, load_model("builtin:tiny-llama", seed=0), load_tokenizer("builtin:tiny-llama"))
+    upper, caesar = examples("upper", 128, 0), examples("caesar", 128, 1)
+    stages = (StageJob(1, "s1", upper, steps, 2e-3, 1, str(folder / "hft" / "stage-1"), method),
+              StageJob(2, "s2", caesar, steps, 2e-3, 2, str(folder / "hft" / "stage-2"), method, earlier=(upper,)),
+              StageJob(3, "s3", examples("prefer", 64, 2), 4, 2e-3, 3, str(folder / "hft" / "stage-3"), method,
+                       loss="dpo", beta=0.5))
+    return BranchJob("hft", str(base), stages, batch_size=16, max_length=32, log_every=4,
+                     checkpoint_every=checkpoint_every)
+
+
+class Crash(Exception):
+    pass
+
+
+def run(job: BranchJob, folder: Path, crash_at: tuple[int, int] | None = None) -> list:
+    """train_branch with a LocalChannel; `crash_at` = (stage, step) raises at that progress event."""
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if crash_at and isinstance(event, StepsDone) and (event.stage, event.step) == crash_at:
+            raise Crash()
+
+    try:
+        train_branch(job, LocalChannel(folder / "channel", on_event))
+    except Crash:
+        pass
+    return events
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_a_branch_trains_its_stages_in_order_and_leaves_frozen_tensors_as_they_were(tmp_path):
+    job = make_job(tmp_path)
+    events = run(job, tmp_path)
+    kinds = [(type(e).__name__, e.stage) for e in events if not isinstance(e, StepsDone)]
+    assert kinds == [("StageStarted", 1), ("StageTrained", 1), ("StageStarted", 2), ("StageTrained", 2),
+                     ("StageStarted", 3), ("StageTrained", 3)]
+    started = [e for e in events if isinstance(e, StageStarted)]
+    assert started[0].selection["trained"] != started[1].selection["trained"], "every stage draws a new plan"
+    assert started[1].selection["strategy"] == "random"
+    before, after = weights(tmp_path / "base"), weights(tmp_path / "hft" / "stage-1")
+    frozen = {p["param"] for u in started[0].selection["units"] for p in u["parts"]
+              if u["key"] not in started[0].selection["trained"]}
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    assert any(not torch.equal(before[name], after[name]) for name in before.keys() - frozen)
+    trained = [e for e in events if isinstance(e, StageTrained)]
+    assert [len(e.losses) for e in trained] == [12, 12, 4] and trained[0].losses[-1] < trained[0].losses[0]
+
+
+def test_a_crashed_branch_goes_on_from_its_last_checkpoint_and_ends_as_if_nothing_happened(tmp_path):
+    whole = run(make_job(tmp_path / "a", checkpoint_every=4), tmp_path / "a")
+    job = make_job(tmp_path / "b", checkpoint_every=4)
+    first = run(job, tmp_path / "b", crash_at=(2, 8))  # after stage 2's checkpoint at step 4, before step 8's
+    assert not any(isinstance(e, StageTrained) and e.stage == 2 for e in first)
+    second = run(job, tmp_path / "b")
+    assert [type(e).__name__ for e in second][:2] == ["StageStarted", "StageResumed"]
+    assert second[1].step == 4, "resumed after the step-4 checkpoint"
+    losses = lambda events, stage: next(e.losses for e in events if isinstance(e, StageTrained) and e.stage == stage)
+    assert losses(second, 2) == losses(whole, 2), "same batches, same optimizer state: the same losses"
+    assert losses(second, 3) == losses(whole, 3)
+
+
+def test_stages_written_before_a_restart_are_not_trained_again(tmp_path):
+    job = make_job(tmp_path)
+    run(job, tmp_path)
+    again = run(job, tmp_path / "other-channel")  # no resumable checkpoint: every stage is whole already
+    assert [type(e).__name__ for e in again] == ["StageTrained"] * 3
+    assert [e.checkpoint for e in again] == [s.output for s in job.stages]
+
+
+def test_a_job_round_trips_through_json(tmp_path):
+    job = make_job(tmp_path)
+    assert BranchJob.from_json(job.to_json()) == job
+
+
+def test_two_processes_under_torchrun_train_one_branch_with_ddp(tmp_path):
+    job = make_job(tmp_path, steps=8)
+    job = BranchJob(job.name, job.start, job.stages[:1], batch_size=16, max_length=32, log_every=4)
+    (tmp_path / "job.json").write_text(job.to_json())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "hft_ray.train", str(tmp_path / "job.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hft stage 1: checkpoint" in result.stdout and "(8 steps" in result.stdout
+    assert weights(job.stages[0].output).keys() == weights(tmp_path / "base").keys()

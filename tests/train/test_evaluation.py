@@ -1,0 +1,85 @@
+"""Evaluation on real tiny models: a fresh model scores ~0, a trained one ~1 on unseen inputs
+(the guard that the built-in suite stays learnable with the shipped settings), token accuracy
+is graded, and the model's mode is left as it was."""
+
+import pytest
+import torch
+
+from hft_ray.data.domains import Example
+
+from hft_ray.data.encoding import encode
+
+from hft_ray.data.loading import load_domain
+from hft_ray.train.evaluation import evaluate, generate_answers
+from hft_ray.train.models import char_tokenizer, load_model
+from hft_ray.train.loop import train
+
+torch.set_num_threads(1)
+
+# A skill from scratch on a fresh model (no pretrained base, so a higher rate than the stages of
+# benchmarks/CALIBRATION.md): 300 steps at lr 3e-3 reach 1.00 on unseen words (~35 s of CPU).
+STEPS, LR, BATCH = 300, 3e-3, 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def upper():
+    return load_domain("upper", "builtin:upper", seed=0, eval_size=100)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, upper):
+    """builtin:tiny-llama trained on the `upper` skill (~40 s on one thread)."""
+    model = load_model("builtin:tiny-llama", seed=0)
+    train(model, encode(upper.train, tokenizer, 64, domain="upper"), steps=STEPS, lr=LR, batch_size=BATCH)
+    return model.eval()
+
+
+def test_fresh_model_scores_about_zero(tokenizer, upper):
+    model = load_model("builtin:tiny-llama", seed=0).eval()
+    scores = evaluate(model, tokenizer, upper.eval[:50])
+    assert scores["exact_match"] == 0.0
+    assert 0.0 <= scores["token_accuracy"] < 0.1
+
+
+def test_suite_is_learnable_on_unseen_inputs(tokenizer, upper, trained):
+    scores = evaluate(trained, tokenizer, upper.eval)
+    assert scores["exact_match"] >= 0.9, scores
+    assert scores["token_accuracy"] >= 0.95, scores
+
+
+def test_answers_are_cut_at_eos_and_deterministic(tokenizer, trained):
+    prompts = ["U hello=", "U ab=", "U xyzzy="]  # unequal lengths: left padding must not matter
+    answers = generate_answers(trained, tokenizer, prompts, batch_size=2)
+    assert answers[0] == "HELLO" and answers[2] == "XYZZY"
+    assert generate_answers(trained, tokenizer, prompts[::-1], batch_size=3) == answers[::-1]
+    assert evaluate(trained, tokenizer, [Example("U hello=", "HELLO")] * 3, batch_size=2)["exact_match"] == 1.0
+
+
+def test_token_accuracy_is_graded(tokenizer, trained):
+    """An answer whose last of five characters is wrong: exact match 0, token accuracy 4/5.
+    (Teacher forcing feeds the gold prefix, so a wrong character earlier would also change
+    what the model predicts after it.)"""
+    scores = evaluate(trained, tokenizer, [Example("U hello=", "HELLx")])
+    assert scores["exact_match"] == 0.0
+    assert scores["token_accuracy"] == pytest.approx(0.8)
+
+
+def test_mode_is_restored(tokenizer, upper, trained):
+    trained.train()
+    evaluate(trained, tokenizer, upper.eval[:4])
+    assert trained.training
+    trained.eval()
+    evaluate(trained, tokenizer, upper.eval[:4])
+    assert not trained.training
+
+
+def test_evaluation_does_not_change_the_weights(tokenizer, upper, trained):
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    evaluate(trained, tokenizer, upper.eval[:8])
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
+

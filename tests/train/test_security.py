@@ -1,0 +1,34 @@
+"""Security defaults (shared/DESIGN.md): checkpoints load from safetensors only, never pickle.
+(Token auth and loopback-only servers: tests/test_cluster.py; trust_remote_code: test_spec.py.)"""
+
+import pytest
+import torch
+
+from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
+from hft_ray.train.models import char_tokenizer, load_model
+
+
+class Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_with_pickled_weights_is_refused_without_unpickling(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt", load_model("builtin:tiny-llama"), char_tokenizer())
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": Payload(str(tmp_path / "pwned"))}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_checkpoint(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_safetensors_checkpoint_round_trips(tmp_path):
+    model = load_model("builtin:tiny-llama", seed=3)
+    loaded, _ = load_checkpoint(write_checkpoint(tmp_path / "ckpt", model, char_tokenizer()))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
