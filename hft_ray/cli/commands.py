@@ -127,14 +127,14 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from hft_ray.run.cluster import embedded_capacity
     from hft_ray.run.runner import RunFailure
-    from hft_ray.run.tracking import Tracker, resolve_tracking_uri
+    from hft_ray.run.tracking import SearchTracker, resolve_tracking_uri
     from hft_ray.run.tuning import resumable_search, run_search
 
     try:
         with _progress_board(args.json) as board:
             if not (args.address or os.environ.get("RAY_ADDRESS")):
                 _fits(loaded.spec.train, embedded_capacity())
-            tracker = Tracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
+            tracker = SearchTracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
             resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume) \
                 if args.resume else None
             have = _start_ray(args, loaded.spec.train)
