@@ -35,7 +35,14 @@ def _add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hft-ray", description="Half Fine-Tuning of LLMs with Ray and MLflow.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_select(sub)
+    _add_run_and_tune(sub)
+    _add_submit(sub)
+    _add_ui_and_report(sub)
+    return parser
 
+
+def _add_select(sub) -> None:
     select = sub.add_parser("select", help="print the selection plan (which half is trained) for a model")
     select.add_argument("model", metavar="MODEL",
                         help="builtin:tiny-llama (and other built-ins), builtin:smollm2-135m, a model folder, "
@@ -49,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--json", action="store_true", help="print the plan as JSON")
     select.set_defaults(handler=commands.run_select)
 
+
+def _add_run_and_tune(sub) -> None:
     run = sub.add_parser("run", help="run a pipeline: stages per method, forgetting matrices in MLflow")
     run.add_argument("pipeline", metavar="PIPELINE.yaml")
     _add_run_options(run, "continue the newest unfinished run of this pipeline (or RUN_ID) after its driver died: "
@@ -62,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "driver died: finished trials are kept, their MLflow runs reused")
     tune.set_defaults(handler=commands.run_tune)
 
+
+def _add_submit(sub) -> None:
     submit = sub.add_parser("submit", help="run a pipeline or a tune space on a Ray cluster (a Ray Job)")
     submit.add_argument("file", metavar="PIPELINE.yaml|SPACE.yaml")
     submit.add_argument("--address", required=True,
@@ -77,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--num-samples", type=int, help="for a tune space: repeat the grid N times")
     submit.set_defaults(handler=commands.run_submit)
 
+
+def _add_ui_and_report(sub) -> None:
     ui = sub.add_parser("ui", help="the MLflow UI over the project's store, on 127.0.0.1")
     ui.add_argument("--tracking-uri", help="the store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")
@@ -88,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri")
     report.add_argument("--json", action="store_true")
     report.set_defaults(handler=commands.run_report)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,27 +120,40 @@ def plan_units(
 
     trained: set[str] = set(always)
     if granularity == "category":
-        for group in sorted({role_group(u.role) for u in in_layers}):
-            by_layer: dict[int | None, list[Unit]] = {}
-            for unit in in_layers:
-                if role_group(unit.role) == group:
-                    by_layer.setdefault(unit.layer, []).append(unit)
-            trained |= _spread(rng, by_layer, ratio) if scores is None else _spread_least(scores, by_layer, ratio)
+        trained |= _category(rng, in_layers, ratio, scores)
     elif granularity == "layer":
-        layers = sorted({u.layer for u in in_layers})
-        count = round_half_up(ratio * len(layers))
-        if scores is None:
-            chosen = set(rng.sample(layers, count))
-        else:
-            members = {layer: [u for u in in_layers if u.layer == layer] for layer in layers}
-            chosen = set(sorted(layers, key=lambda layer: (_layer_importance(members[layer], scores), layer))[:count])
-        trained |= {u.key for u in in_layers if u.layer in chosen}
+        trained |= _whole_layers(rng, in_layers, ratio, scores)
     elif granularity == "model":
         pool = in_layers + (top if select_embeddings else [])
         return SelectionPlan(**plan, trained=frozenset(trained | draw(pool)))
     if select_embeddings:
         trained |= draw(top)
     return SelectionPlan(**plan, trained=frozenset(trained))
+
+
+def _category(rng: random.Random, in_layers: list[Unit], ratio: float, scores: Mapping[str, float] | None) -> set[str]:
+    """Per role group (attention, feed-forward, norms), `ratio` of each layer's units, spread."""
+    trained: set[str] = set()
+    for group in sorted({role_group(u.role) for u in in_layers}):
+        by_layer: dict[int | None, list[Unit]] = {}
+        for unit in in_layers:
+            if role_group(unit.role) == group:
+                by_layer.setdefault(unit.layer, []).append(unit)
+        trained |= _spread(rng, by_layer, ratio) if scores is None else _spread_least(scores, by_layer, ratio)
+    return trained
+
+
+def _whole_layers(rng: random.Random, in_layers: list[Unit], ratio: float,
+                  scores: Mapping[str, float] | None) -> set[str]:
+    """`ratio` of the layers, whole: drawn, or the least important ones."""
+    layers = sorted({u.layer for u in in_layers})
+    count = round_half_up(ratio * len(layers))
+    if scores is None:
+        chosen = set(rng.sample(layers, count))
+    else:
+        members = {layer: [u for u in in_layers if u.layer == layer] for layer in layers}
+        chosen = set(sorted(layers, key=lambda layer: (_layer_importance(members[layer], scores), layer))[:count])
+    return {u.key for u in in_layers if u.layer in chosen}
 
 
 def model_units(model: torch.nn.Module) -> list[Unit]:

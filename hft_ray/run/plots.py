@@ -82,7 +82,21 @@ def comparison(
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     first = matrices[methods[0]]  # its stages label the x axes of (b)
 
-    bars = fig.add_subplot(grid[0, :])
+    _summary_bars(fig.add_subplot(grid[0, :]), methods, summaries, metrics, colours)
+    for n, domain in enumerate(domains):
+        ax = fig.add_subplot(grid[1 + n // n_panel_cols, n % n_panel_cols])
+        _domain_panel(ax, matrices, domain, colours, first)
+        ax.set_title(f"{'(b) ' if n == 0 else ''}{ax.get_title()}", fontsize=10)
+        if n % n_panel_cols == 0:
+            ax.set_ylabel("score")
+    key = ", ".join(f"{i} = {d}" for i, d in enumerate(first.stage_domains, start=1))
+    fig.supxlabel(textwrap.fill(f"(b) score on each domain after each stage ({key}); "
+                                "shaded: the stages trained on it", 160), fontsize=9)
+    _save(fig, path)
+
+
+def _summary_bars(bars, methods, summaries, metrics, colours) -> None:
+    """(a): grouped bars of the summary metrics, one group per metric, one bar per method."""
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(metrics))]
@@ -96,30 +110,21 @@ def comparison(
     bars.legend(loc="best", fontsize=8)
     bars.margins(y=0.2)
 
-    for n, domain in enumerate(domains):
-        ax = fig.add_subplot(grid[1 + n // n_panel_cols, n % n_panel_cols])
-        for m in methods:
-            mat = matrices[m]
-            if domain not in mat.columns:
-                continue
+
+def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix) -> None:
+    """(b): one domain's score after every stage, per method; the stages that trained it shaded."""
+    for m, mat in matrices.items():
+        if domain in mat.columns:
             stages = range(len(mat.rows))
-            ax.plot(stages, [mat.score(r, domain) for r in stages], marker="o",
-                    color=colours[m], label=m)
-        # Shade, on the first method's stages, where this domain was trained.
-        for i, d in enumerate(first.stage_domains, start=1):
-            if d == domain:
-                ax.axvspan(i - 0.4, i + 0.4, color="gold", alpha=0.25, linewidth=0)
-        # Stage numbers, not "i:<domain>" labels: long domain names would overlap.
-        ax.set_xticks(range(len(first.rows)), ["base", *map(str, range(1, len(first.rows)))])
-        ax.set_ylim(-0.03, 1.03)  # room for markers at exactly 0 or 1
-        held_out = "" if domain in first.stage_domains else " (held out)"
-        ax.set_title(f"{'(b) ' if n == 0 else ''}{domain}{held_out}", fontsize=10)
-        if n % n_panel_cols == 0:
-            ax.set_ylabel("score")
-    key = ", ".join(f"{i} = {d}" for i, d in enumerate(first.stage_domains, start=1))
-    fig.supxlabel(textwrap.fill(f"(b) score on each domain after each stage ({key}); "
-                                "shaded: the stages trained on it", 160), fontsize=9)
-    _save(fig, path)
+            ax.plot(stages, [mat.score(r, domain) for r in stages], marker="o", color=colours[m], label=m)
+    # Shade, on the first method's stages, where this domain was trained.
+    for i, d in enumerate(first.stage_domains, start=1):
+        if d == domain:
+            ax.axvspan(i - 0.4, i + 0.4, color="gold", alpha=0.25, linewidth=0)
+    # Stage numbers, not "i:<domain>" labels: long domain names would overlap.
+    ax.set_xticks(range(len(first.rows)), ["base", *map(str, range(1, len(first.rows)))])
+    ax.set_ylim(-0.03, 1.03)  # room for markers at exactly 0 or 1
+    ax.set_title(f"{domain}{'' if domain in first.stage_domains else ' (held out)'}")
 
 
 def objective_vs_ratio(rows: list[dict], path: str | Path, title: str) -> None:
