@@ -135,8 +135,8 @@ def run_tune(args: argparse.Namespace) -> int:
             if not (args.address or os.environ.get("RAY_ADDRESS")):
                 _fits(loaded.spec.train, embedded_capacity())
             tracker = SearchTracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
-            resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume) \
-                if args.resume else None
+            resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume,
+                                      args.num_samples) if args.resume else None
             have = _start_ray(args, loaded.spec.train)
             result = run_search(loaded, prepared, tracker, board, have, args.num_samples, resume)
     except RunFailure as error:

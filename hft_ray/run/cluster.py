@@ -36,10 +36,11 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         # nothing to preempt, and the actor's process costs a start per branch on a laptop.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # address="local" starts a new instance even when a cluster runs on this machine. The
-        # dashboard (on 127.0.0.1) stays: Ray Train's placement-group cleaner asks its state API
-        # and warns every few seconds without it.
-        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2,
-                 dashboard_host="127.0.0.1", **quiet)
+        # dashboard (its processes cost a start of several seconds on a laptop) only with --verbose:
+        # Ray Train's placement-group cleaner asks its state API, and without it warns in the logs
+        # every few seconds (cleaning a placement group up matters on a cluster, not here).
+        dashboard = {"dashboard_host": "127.0.0.1"} if verbose else {"include_dashboard": False}
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2, **dashboard, **quiet)
     if not verbose:
         for name in ("ray.train", "ray.tune", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)

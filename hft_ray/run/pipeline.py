@@ -51,25 +51,23 @@ class PipelineRun:
         return f"{what}-{self.output_dir.name}" + (f"-a{self.manifest.attempt}" if self.manifest.attempt else "")
 
     def run(self) -> PipelineResult:
-        spec, manifest = self.spec, self.manifest
-        if manifest.parent_run_id:
-            self.tracker.reopen(manifest.parent_run_id, manifest.attempt)
-        else:
-            manifest.parent_run_id = self.tracker.start_pipeline(
-                spec.name, spec.model_dump(mode="json"), self.pipeline_text, spec.model_dump(mode="json"),
-                str(self.output_dir))
-        manifest.save()
-        self.board.say(f"[hft-ray] MLflow parent run {manifest.parent_run_id} in experiment {spec.experiment!r} "
-                       f"({self.tracker.tracking_uri})")
-        t = spec.train
+        spec, manifest, t = self.spec, self.manifest, self.spec.train
         self.slots = min(len(spec.methods), branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity))
+        # Evaluators warm up (import torch) while this driver sets up; one per two branches at once
+        # keeps up with them (an evaluation takes a fraction of a stage).
         services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},
-                                  EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, t.use_gpu), self.slots)
+                                  EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, t.use_gpu),
+                                  max(1, self.slots // 2))
         runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
                            Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
         recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"))
         try:
-            rows = self._drive(runner, recorder)
+            scheduler = self._start(runner, recorder)
+            self._open_parent_run(recorder)  # while the worker groups start
+            for event in runner.events():
+                recorder.record(event)
+                self._act(runner, scheduler.on(event), scheduler)
+            rows = {"base": scheduler.base_row, **{b.name: b.rows for b in scheduler.branches.values()}}
             result = record_results(spec, self.tracker, manifest.parent_run_id, self.output_dir, rows)
         except BaseException as error:
             recorder.fail(str(error) or type(error).__name__)
@@ -79,8 +77,21 @@ class PipelineRun:
         self.tracker.finish(manifest.parent_run_id)
         return result
 
-    def _drive(self, runner: RayRunner, recorder: Recorder) -> dict:
-        """The DAG: launch, evaluate and record until every branch has its matrix rows."""
+    def _open_parent_run(self, recorder: Recorder) -> None:
+        spec, manifest = self.spec, self.manifest
+        if manifest.parent_run_id:
+            self.tracker.reopen(manifest.parent_run_id, manifest.attempt)
+        else:
+            manifest.parent_run_id = self.tracker.start_pipeline(
+                spec.name, spec.model_dump(mode="json"), self.pipeline_text, spec.model_dump(mode="json"),
+                str(self.output_dir))
+        recorder.opened(manifest.parent_run_id)
+        manifest.save()
+        self.board.say(f"[hft-ray] MLflow parent run {manifest.parent_run_id} in experiment {spec.experiment!r} "
+                       f"({self.tracker.tracking_uri})")
+
+    def _start(self, runner: RayRunner, recorder: Recorder) -> Scheduler:
+        """The base model's first checkpoint, then the first launches (and evaluations)."""
         spec, manifest = self.spec, self.manifest
         base, pretrain_from = manifest.base.get("checkpoint"), None
         if not base:
@@ -90,14 +101,10 @@ class PipelineRun:
                 self.board.say(f"[hft-ray] pretrain on {', '.join(spec.pretrain.domains)}: {spec.pretrain.steps} steps")
             else:
                 manifest.base["checkpoint"] = base
-                manifest.save()
         branches = [recorder.branch_from_manifest(method) for method in spec.methods]
         scheduler = Scheduler(branches, len(spec.stages), self.slots, base, manifest.base.get("scores"), pretrain_from)
         self._act(runner, scheduler.start(), scheduler)
-        for event in runner.events():
-            recorder.record(event)
-            self._act(runner, scheduler.on(event), scheduler)
-        return {"base": scheduler.base_row, **{b.name: b.rows for b in scheduler.branches.values()}}
+        return scheduler
 
     def _act(self, runner: RayRunner, actions: list, scheduler: Scheduler) -> None:
         for action in actions:

@@ -23,12 +23,16 @@ class Recorder:
                  logs: str):
         self.spec, self.planner, self.manifest, self.tracker, self.board = spec, planner, manifest, tracker, board
         self.logs = logs
-        self.open_runs: set[str] = {manifest.parent_run_id}
+        self.open_runs: set[str] = set()
         self.system: dict[str, SystemMetrics] = {}
         self.handlers = {StageStarted: self.stage_started, StageResumed: self.stage_resumed,
                          StepsDone: self.steps_done, StageTrained: self.stage_trained,
                          StageEvaluated: self.stage_evaluated, BaseEvaluated: self.base_evaluated,
                          BranchEnded: self.branch_ended, BranchFailed: self.branch_failed}
+
+    def opened(self, run_id: str) -> None:
+        """A run to end FAILED should the run fail (the parent run)."""
+        self.open_runs.add(run_id)
 
     def record(self, event) -> None:
         self.handlers[type(event)](event)

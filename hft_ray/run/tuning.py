@@ -65,7 +65,8 @@ def search_digest(loaded: LoadedSpace, num_samples: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | None) -> Manifest:
+def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | None,
+                     num_samples: int | None = None) -> Manifest:
     """The search `hft-ray tune --resume [RUN_ID]` continues; UserError if none fits."""
     name = loaded.spec.name
     try:
@@ -82,6 +83,9 @@ def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | 
         raise UserError(f"--resume {run.info.run_id}: its search state under {folder} is not there "
                         "(was output.dir moved or removed?)")
     manifest = Manifest.load(folder)
+    if manifest.spec_sha256 != search_digest(loaded, num_samples or loaded.space.num_samples):
+        raise UserError(f"--resume {run.info.run_id}: the space, its pipeline or --num-samples differ from those the "
+                        "search started with; resume with the same ones (logged as its space.yaml and pipeline.yaml)")
     if manifest.driver_alive():
         raise UserError(f"--resume {run.info.run_id}: its driver (pid {manifest.driver['pid']}) is still running")
     return manifest
@@ -117,9 +121,6 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
             {"space.yaml": loaded.text, "pipeline.yaml": yaml.safe_dump(loaded.pipeline_data, sort_keys=False)},
             str(Path(spec.output.dir).resolve() / name))
     else:
-        if resume.spec_sha256 != search_digest(loaded, samples):
-            raise UserError(f"--resume {resume.parent_run_id}: the space, its pipeline or --num-samples differ from "
-                            "those the search started with; resume with the same ones")
         resume.attempt += 1
         resume.take_over()
         tracker.reopen(resume.parent_run_id, resume.attempt)
