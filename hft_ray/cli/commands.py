@@ -69,11 +69,11 @@ def _fits(train, have) -> None:
         raise UserError(*problems)
 
 
-def _start_ray(args: argparse.Namespace, train):
+def _start_ray(args: argparse.Namespace, train, trials_stop_early: bool = False):
     """Ray, joined or embedded; exit 2 if a branch can never fit it; returns its capacity."""
     from hft_ray.run.cluster import capacity, init_ray
 
-    init_ray(args.address, args.verbose)
+    init_ray(args.address, args.verbose, trials_stop_early)
     have = capacity(args.address)
     _fits(train, have)
     return have
@@ -137,7 +137,7 @@ def run_tune(args: argparse.Namespace) -> int:
             tracker = SearchTracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
             resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume,
                                       args.num_samples) if args.resume else None
-            have = _start_ray(args, loaded.spec.train)
+            have = _start_ray(args, loaded.spec.train, trials_stop_early=True)
             result = run_search(loaded, prepared, tracker, board, have, args.num_samples, resume)
     except RunFailure as error:
         print(f"hft-ray: tune failed: {error}", file=sys.stderr)

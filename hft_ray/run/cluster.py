@@ -18,7 +18,7 @@ class Capacity:
     where: str                 # "this machine (embedded Ray)" or the address
 
 
-def init_ray(address: str | None, verbose: bool = False) -> None:
+def init_ray(address: str | None, verbose: bool = False, trials_stop_early: bool = False) -> None:
     """Join `address` (or $RAY_ADDRESS, set inside a Ray Job), or start an embedded Ray sized for
     this machine. Ray's own lines (worker output, checkpoint and report notices) stay in its log
     folder unless `verbose`."""
@@ -35,11 +35,14 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         # Ray Train watches for node preemption with an actor per worker group; one machine has
         # nothing to preempt, and the actor's process costs a start per branch on a laptop.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # address="local" starts a new instance even when a cluster runs on this machine. The
-        # dashboard (its processes cost a start of several seconds on a laptop) only with --verbose:
-        # Ray Train's placement-group cleaner asks its state API, and without it warns in the logs
-        # every few seconds (cleaning a placement group up matters on a cluster, not here).
-        dashboard = {"dashboard_host": "127.0.0.1"} if verbose else {"include_dashboard": False}
+        # address="local" starts a new instance even when a cluster runs on this machine. Its
+        # dashboard (on 127.0.0.1; its processes cost a few seconds of start-up on a laptop) runs
+        # when something needs its state API: Ray Train's placement-group cleaner frees the CPUs of
+        # a worker group whose controller was killed, as ASHA kills a trial it stops; without the
+        # dashboard those CPUs stay held and later trials wait for them for ever. `hft-ray run`
+        # kills no controller, so it starts without one (unless --verbose).
+        dashboard = ({"dashboard_host": "127.0.0.1"} if verbose or trials_stop_early
+                     else {"include_dashboard": False})
         ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=256 * 1024**2, **dashboard, **quiet)
     if not verbose:
         for name in ("ray.train", "ray.tune", "ray.data"):

@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from hft_ray.run.manifest import FILE, Manifest
 
@@ -33,6 +35,10 @@ def test_the_driver_check_sees_a_live_driver_and_not_a_dead_one(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hft-ray-driver"])
     try:
         manifest.driver["pid"] = driver.pid
+        # Until the child has exec'd, /proc shows the parent's command line (this test's).
+        deadline = time.monotonic() + 10
+        while b"hft-ray-driver" not in Path(f"/proc/{driver.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert manifest.driver_alive()
     finally:
         driver.kill()
