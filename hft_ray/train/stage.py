@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -84,7 +85,7 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
     if progress.step:
         optimizer.load_state_dict(optimizer_state)
         with warnings.catch_warnings():  # stepping the schedule forward to where it was, before any step
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(progress.step):
                 scheduler.step()
         if runtime.rank == 0:
