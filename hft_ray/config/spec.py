@@ -57,9 +57,17 @@ class StageSpec(Strict):
 class TrainSpec(Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, gt=0)
-    workers: int = Field(1, gt=0, description="Ray Train workers per stage (DDP)")
+    workers: int = Field(1, gt=0, description="Ray Train workers per branch")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "bf16-mixed"] | None = Field(
+        None, description="fp32; bf16 (weights, gradients, AdamW state in bf16); bf16-mixed (fp32 weights, bf16 "
+                          "autocast). Default: fp32 on CPU, bf16-mixed with use_gpu")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per worker; fsdp: FSDP2, "
+                                                                 "weights, gradients and AdamW state sharded")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    memory_gb: float | None = Field(None, gt=0, description="memory per worker on CPU, for the preflight "
+                                                            "(on GPUs: what torch reports)")
     max_length: int = Field(64, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(25, gt=0, description="print the loss every N steps")
@@ -146,6 +154,10 @@ class PipelineSpec(Strict):
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
+    @property
+    def precision(self) -> str:
+        return self.train.precision or ("bf16-mixed" if self.train.use_gpu else "fp32")
 
     def stage_lr(self, stage: StageSpec) -> float:
         return stage.lr or self.train.lr

@@ -84,4 +84,5 @@ class Planner:
     def _settings(self) -> dict:
         t = self.spec.train
         return {"batch_size": t.batch_size, "max_length": t.max_length, "weight_decay": t.weight_decay,
-                "log_every": t.log_every, "checkpoint_every": t.checkpoint_every}
+                "log_every": t.log_every, "checkpoint_every": t.checkpoint_every, "precision": self.spec.precision,
+                "strategy": t.strategy, "gradient_checkpointing": t.gradient_checkpointing}

@@ -31,7 +31,7 @@ def train_branch(job: BranchJob, channel: Channel) -> None:
         start = folder if resumed_mid_stage else job.start_of(progress.stage if progress else job.stages[0].index)
         model, tokenizer = load_checkpoint(start)
         optimizer_state = read_optimizer(folder) if resumed_mid_stage else None
-    model.to(runtime.device)
+    model = runtime.place(model, job)
     for stage in job.stages:
         if progress is not None and stage.index < progress.stage:
             continue
@@ -48,4 +48,4 @@ def already_trained(job: BranchJob, stage: StageJob, runtime: Runtime, channel: 
     if runtime.rank == 0:
         channel.notify(trained_event(job, stage, read_json(stage.output, TRAIN_LOG_FILE)))
     channel.save(lambda folder: save_into_progress(folder, Progress(stage.index + 1)), f"{job.name}-stage{stage.index}-end")
-    return load_checkpoint(stage.output)[0].to(runtime.device)
+    return runtime.place(load_checkpoint(stage.output)[0], job)

@@ -40,6 +40,9 @@ class BranchJob:
     log_every: int = 25
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: stage ends only)
     threads: int = 1           # torch intra-op threads per worker on CPU
+    precision: str = "fp32"    # fp32 | bf16 | bf16-mixed (hft_ray/train/precision.py)
+    strategy: str = "ddp"      # ddp | fsdp (hft_ray/train/runtime.py)
+    gradient_checkpointing: bool = False
     wait_for_start: bool = False  # `start` is being written elsewhere (another branch pretrains it)
 
     def start_of(self, index: int) -> str:

@@ -6,6 +6,7 @@ The branch train function (hft_ray/train/stage.py) and the benchmarks call the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -37,16 +38,18 @@ def make_optimizer(params, lr: float, weight_decay: float, steps: int, warmup_fr
 def run_steps(model: torch.nn.Module, optimizer, scheduler, data: Iterator[dict[str, torch.Tensor]],
               steps: int, grad_clip: float = 1.0,
               on_step: Callable[[int, float], None] | None = None, start: int = 0,
-              loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None) -> list[float]:
+              loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+              forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[float]:
     """Optimizer steps `start`+1 .. `steps` (`data` and `scheduler` already past `start`);
-    returns the loss of each. `loss_fn(model, batch)` defaults to the causal-LM loss (SFT).
-    Raises NonFiniteLoss on NaN/inf."""
+    returns the loss of each. `loss_fn(model, batch)` defaults to the causal-LM loss (SFT); it
+    runs in `forward_context()` (bf16 autocast under mixed precision). Raises NonFiniteLoss on NaN/inf."""
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for step in range(start + 1, steps + 1):
         batch = next(data)
-        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
+        with forward_context():
+            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
         loss.backward()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hft_ray.train.precision import cast
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -26,6 +28,18 @@ class Runtime:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def place(self, model: torch.nn.Module, job) -> torch.nn.Module:
+        """The model on this worker's device, in the precision it trains in, with activations
+        recomputed in the backward pass if the job asks (transformers' own checkpointing)."""
+        model = cast(model, job.precision).to(self.device)
+        if job.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return model
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -22,6 +22,7 @@ from hft_ray.train.job import BranchJob, StageJob
 from hft_ray.train.losses import stage_data
 from hft_ray.train.loop import make_optimizer, run_steps
 from hft_ray.train.methods import build_method
+from hft_ray.train.precision import autocast
 from hft_ray.train.runtime import Runtime, unwrap
 
 PROGRESS_FILE = "progress.json"
@@ -107,7 +108,8 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
 
     with _threads(stage, runtime):
         run_steps(trained, optimizer, scheduler, _feed(data.tensors, job, stage, runtime, progress.step), stage.steps,
-                  on_step=on_step, start=progress.step, loss_fn=data.loss_fn)
+                  on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
+                  forward_context=lambda: autocast(job.precision, runtime.device))
     model = method.finish(unwrap(trained))
     finish_stage(model, tokenizer, job, stage, runtime, channel, method.describe(), recorder.log(counts))
     return model
@@ -118,7 +120,7 @@ def _reference(model, job: BranchJob, stage: StageJob, resume: Progress | None, 
     mid-way; then it is loaded again (only DPO needs it)."""
     if resume is None or not resume.step or stage.loss != "dpo":
         return model
-    return load_checkpoint(job.start_of(stage.index))[0].to(runtime.device)
+    return runtime.place(load_checkpoint(job.start_of(stage.index))[0], job)
 
 
 def _feed(tensors: dict, job: BranchJob, stage: StageJob, runtime: Runtime, done: int):

@@ -6,6 +6,7 @@ import torch
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.half_reset import half_reset
 from hft_ray.train.models import load_model
+from hft_ray.train.precision import autocast, cast
 from hft_ray.core.selection import GRANULARITIES, select
 
 CASES = [("tiny-llama", g) for g in GRANULARITIES] + [
@@ -13,7 +14,7 @@ CASES = [("tiny-llama", g) for g in GRANULARITIES] + [
 ]
 
 
-def _train(model, applied=None, steps=12, lr=5e-2):
+def _train(model, applied=None, steps=12, lr=5e-2, precision="fp32"):
     """AdamW with weight decay and gradient clipping; full fine-tuning when `applied` is None."""
     params = list(model.parameters() if applied is None else applied.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
@@ -22,20 +23,27 @@ def _train(model, applied=None, steps=12, lr=5e-2):
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(4, model.config.vocab_size, (4, 12), generator=generator)
-        model(input_ids=ids, labels=ids).loss.backward()
+        with autocast(precision, torch.device("cpu")):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return optimizer
 
 
-@pytest.mark.parametrize("arch,granularity", CASES)
-def test_frozen_entries_stay_bitwise_unchanged_and_trained_ones_move(arch, granularity):
-    model = load_model(f"builtin:{arch}", seed=0)
+PRECISION_CASES = [("tiny-llama", g, p) for g in ("category", "element") for p in ("bf16", "bf16-mixed")] + [
+    ("tiny-gpt2", "category", "bf16")]
+
+
+@pytest.mark.parametrize("arch,granularity,precision", [(a, g, "fp32") for a, g in CASES] + PRECISION_CASES)
+def test_frozen_entries_stay_bitwise_unchanged_and_trained_ones_move(arch, granularity, precision):
+    model = cast(load_model(f"builtin:{arch}", seed=0), precision)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = select(model, granularity, 0.5, seed=1)
     applied = apply_plan(model, plan)
-    optimizer = _train(model, applied)
+    optimizer = _train(model, applied, precision=precision)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if precision == "bf16" else torch.float32}
 
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     masks = plan.param_masks()

@@ -115,3 +115,20 @@ def test_two_processes_under_torchrun_train_one_branch_with_ddp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hft stage 1: checkpoint" in result.stdout and "(8 steps" in result.stdout
     assert weights(job.stages[0].output).keys() == weights(tmp_path / "base").keys()
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("bf16-mixed", torch.float32)])
+def test_a_branch_trains_in_bf16_with_gradient_checkpointing_and_keeps_its_dtype(tmp_path, precision, dtype):
+    job = make_job(tmp_path, steps=8)
+    job = BranchJob(job.name, job.start, job.stages[:2], batch_size=16, max_length=32, log_every=4,
+                    precision=precision, gradient_checkpointing=True)
+    events = run(job, tmp_path)
+    trained = [e for e in events if isinstance(e, StageTrained)]
+    assert len(trained) == 2 and trained[0].losses[-1] < trained[0].losses[0]
+    saved = weights(job.stages[1].output)
+    assert {t.dtype for t in saved.values()} == {dtype}
+    started = next(e for e in events if isinstance(e, StageStarted) and e.stage == 2)
+    before = weights(job.stages[0].output)
+    frozen = {p["param"] for u in started.selection["units"] for p in u["parts"]
+              if u["key"] not in started.selection["trained"]}
+    assert all(torch.equal(before[name], saved[name]) for name in frozen), "frozen stays bitwise, in bf16 too"
