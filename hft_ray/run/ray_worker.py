@@ -49,12 +49,11 @@ class RayChannel:
 
     def save(self, write: SaveFn, name: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if self.rank == 0:
-                write(Path(folder))
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            write(Path(folder))  # rank 0 alone under ddp, every rank's shards under fsdp
+            # Ray Train merges the ranks' folders into one checkpoint.
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if any(Path(folder).iterdir()) else None
             # Every rank must call report: it is a barrier. The controller takes the checkpoint up
-            # when it next polls the workers (every 2 s).
+            # when it next polls the workers.
             ray.train.report({"checkpoint": name}, checkpoint=checkpoint)
 
     def notify(self, event: object) -> None:

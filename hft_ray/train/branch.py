@@ -7,39 +7,36 @@ under Ray Train (hft_ray/run/ray_worker.py wraps it in a few lines).
 
 from __future__ import annotations
 
-import json
 import time
 
 from hft_ray.train.channel import Channel
-from hft_ray.train.checkpoints import is_whole, load_checkpoint, read_json, read_optimizer
+from hft_ray.train.checkpoints import is_whole, load_checkpoint, read_json
 from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.resumable import Progress, holds_weights, write_progress
 from hft_ray.train.runtime import Runtime, start_runtime
-from hft_ray.train.stage import (PROGRESS_FILE, TRAIN_LOG_FILE, Progress, save_into_progress, train_stage,
-                                 trained_event)
+from hft_ray.train.stage import TRAIN_LOG_FILE, train_stage, trained_event
 
 
 def train_branch(job: BranchJob, channel: Channel) -> None:
-    runtime = start_runtime(job.threads)
-    last = job.stages[-1].index
+    runtime = start_runtime(job.threads, job.strategy)
     while job.wait_for_start and not is_whole(job.start):
         time.sleep(0.5)  # another branch's first stage, pretraining, writes it
     with channel.restored() as folder:  # set when the worker group restarts after a failure
-        progress = Progress(**json.loads((folder / PROGRESS_FILE).read_text())) if folder else None
-        if progress is not None and progress.stage > last:
+        progress = Progress.read(folder) if folder else None
+        if progress is not None and progress.stage > job.stages[-1].index:
             return  # every stage was done before the restart
-        resumed_mid_stage = progress is not None and progress.step > 0
-        start = folder if resumed_mid_stage else job.start_of(progress.stage if progress else job.stages[0].index)
-        model, tokenizer = load_checkpoint(start)
-        optimizer_state = read_optimizer(folder) if resumed_mid_stage else None
-    model = runtime.place(model, job)
-    for stage in job.stages:
-        if progress is not None and stage.index < progress.stage:
-            continue
-        if is_whole(stage.output):
-            model = already_trained(job, stage, runtime, channel)
-            continue
-        here = progress if progress is not None and progress.stage == stage.index else None
-        model = train_stage(model, tokenizer, job, stage, runtime, channel, here, optimizer_state)
+        first = progress.stage if progress else job.stages[0].index
+        mid_stage = progress is not None and progress.step > 0
+        model, tokenizer = load_checkpoint(folder if mid_stage and holds_weights(folder) else job.start_of(first))
+        model = runtime.place(model, job)
+        for stage in job.stages:
+            if stage.index < first:
+                continue
+            if is_whole(stage.output):
+                model = already_trained(job, stage, runtime, channel)
+                continue
+            here = progress if mid_stage and stage.index == first else None
+            model = train_stage(model, tokenizer, job, stage, runtime, channel, here, folder)
 
 
 def already_trained(job: BranchJob, stage: StageJob, runtime: Runtime, channel: Channel):
@@ -47,5 +44,6 @@ def already_trained(job: BranchJob, stage: StageJob, runtime: Runtime, channel: 
     its checkpoint is the model, and the driver hears of it again (it drops what it knows)."""
     if runtime.rank == 0:
         channel.notify(trained_event(job, stage, read_json(stage.output, TRAIN_LOG_FILE)))
-    channel.save(lambda folder: save_into_progress(folder, Progress(stage.index + 1)), f"{job.name}-stage{stage.index}-end")
+    channel.save(lambda folder: write_progress(folder, Progress(stage.index + 1), runtime),
+                 f"{job.name}-stage{stage.index}-end")
     return runtime.place(load_checkpoint(stage.output)[0], job)

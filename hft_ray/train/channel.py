@@ -20,8 +20,8 @@ class Channel(Protocol):
         """The latest resumable checkpoint folder of this branch, if it was restarted."""
 
     def save(self, write: SaveFn, name: str) -> None:
-        """Persist a resumable checkpoint that `write(folder)` fills. Every rank calls it (a barrier);
-        only rank 0's `write` writes anything."""
+        """Persist a resumable checkpoint that `write(folder)` fills. Every rank calls it (a barrier)
+        and its `write` (which writes what that rank holds: hft_ray/train/resumable.py)."""
 
     def notify(self, event: object) -> None:
         """Tell the driver (rank 0 calls it; other ranks are ignored)."""
@@ -43,16 +43,24 @@ class LocalChannel:
     def save(self, write: SaveFn, name: str) -> None:
         import torch.distributed as dist
 
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        group = dist.is_initialized()
+        first = not group or dist.get_rank() == 0
+        staging = [None]
+        if first:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".resume.", dir=self.folder.parent))
-            write(staging)
+            staging = [tempfile.mkdtemp(prefix=".resume.", dir=self.folder.parent)]
+        if group:
+            dist.broadcast_object_list(staging, src=0)  # every rank writes into the same folder
+        write(Path(staging[0]))
+        if group:
+            dist.barrier()
+        if first:
             old = self.folder.with_name(".resume.old")
             if self.folder.exists():
                 os.replace(self.folder, old)
-            os.replace(staging, self.folder)
+            os.replace(staging[0], self.folder)
             shutil.rmtree(old, ignore_errors=True)
-        if dist.is_initialized():
+        if group:
             dist.barrier()
 
     def notify(self, event: object) -> None:

@@ -18,13 +18,15 @@ import transformers
 transformers.utils.logging.disable_progress_bar()
 
 
-def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> Path:
-    """Save atomically; `files` maps a JSON file name to its content."""
+def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None,
+                     state_dict: dict | None = None) -> Path:
+    """Save atomically; `files` maps a JSON file name to its content; `state_dict`, the weights
+    if not the model's own (gathered from FSDP shards)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_into(staging, model, tokenizer, files)
+        save_into(staging, model, tokenizer, files, state_dict)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -34,11 +36,12 @@ def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, o
     return directory
 
 
-def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None) -> None:
+def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None,
+              state_dict: dict | None = None) -> None:
     """Save into an existing (temporary) folder, e.g. one Ray Train then persists."""
     directory = Path(directory)
     model = getattr(model, "module", model)  # unwrap DDP
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
     for name, content in (files or {}).items():
         (directory / name).write_text(json.dumps(content))

@@ -21,9 +21,18 @@ class Runtime:
     rank: int
     world: int
     device: torch.device
+    strategy: str = "ddp"      # ddp | fsdp
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 in a process group (alone, fsdp has nothing to shard over: plain training)."""
+        return self.strategy == "fsdp" and dist.is_initialized()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DDP over the parameters that require grad now (freeze before this), when world > 1."""
+        """Freeze before this: DDP fixes the parameters it synchronises when it wraps, and FSDP2
+        gives frozen parameters no gradient and no optimizer state on any rank."""
+        if self.sharded:
+            return shard(model)
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -54,11 +63,28 @@ class Runtime:
         return box[0]
 
 
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each decoder layer a unit (the classes transformers names in `_no_split_modules`,
+    as accelerate's FSDP does), then the root (embeddings, final norm, lm_head, tied or not).
+    Weights, gradients and optimizer state are split over the ranks; FSDP1 is not used (with
+    mixed `requires_grad` in a unit it needs `use_orig_params` and saves no gradient memory,
+    pytorch#104690)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP (FSDP2 shards the model in place: it is its own)."""
     return getattr(model, "module", model)
 
 
-def start_runtime(threads: int) -> Runtime:
+def start_runtime(threads: int, strategy: str = "ddp") -> Runtime:
     """Join (or, under torchrun, create) the process group and set up this process for training."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -75,4 +101,4 @@ def start_runtime(threads: int) -> Runtime:
         # Adam's second moments underflow into denormal floats, which x86 handles in microcode:
         # an FFT step of SmolLM2 took 42-48 s with them, 5-6 s without (benchmarks/README.md).
         torch.set_flush_denormal(True)
-    return Runtime(dist.get_rank() if dist.is_initialized() else 0, world, device)
+    return Runtime(dist.get_rank() if dist.is_initialized() else 0, world, device, strategy)

@@ -4,41 +4,28 @@ Plain torch + torch.distributed; the channel is the only way out (hft_ray/train/
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from hft_ray.data.encoding import batches
-from hft_ray.train.checkpoints import load_checkpoint, save_into, save_optimizer, write_checkpoint
+from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
 from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
 from hft_ray.train.job import BranchJob, StageJob
 from hft_ray.train.losses import stage_data
 from hft_ray.train.loop import make_optimizer, run_steps
 from hft_ray.train.methods import build_method
 from hft_ray.train.precision import autocast
+from hft_ray.train.resumable import Progress, optimizer_bytes, read_state, write_progress, write_state
 from hft_ray.train.runtime import Runtime, unwrap
 
-PROGRESS_FILE = "progress.json"
 TRAIN_LOG_FILE = "train_log.json"
 PLAN_FILE = "plan.json"
-
-
-@dataclass
-class Progress:
-    """How far a branch got: stage `stage`, optimizer step `step` (0: the stage has not begun).
-    Written into every resumable checkpoint."""
-
-    stage: int
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
 
 
 class StageRecorder:
@@ -70,9 +57,9 @@ class StageRecorder:
 
 
 def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, channel,
-                resume: Progress | None = None, optimizer_state: dict | None = None) -> torch.nn.Module:
-    """Train `stage` on `model` (on `runtime.device`); returns the trained plain model. With
-    `resume` (step > 0) the model is the resumable checkpoint's and training goes on from there."""
+                resume: Progress | None = None, resume_folder: Path | None = None) -> torch.nn.Module:
+    """Train `stage` on `model` (on `runtime.device`); returns the plain model the next stage
+    starts from. With `resume` (step > 0), training goes on from the checkpoint in `resume_folder`."""
     torch.manual_seed(stage.seed)
     data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime), runtime.device)
     method = build_method(stage, job)
@@ -84,7 +71,7 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
     optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, job.weight_decay, stage.steps)
     progress = resume if resume is not None and resume.step and method.resumable else Progress(stage.index)
     if progress.step:
-        optimizer.load_state_dict(optimizer_state)
+        read_state(resume_folder, trained, optimizer, runtime)
         with warnings.catch_warnings():  # stepping the schedule forward to where it was, before any step
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
             for _ in range(progress.step):
@@ -95,10 +82,8 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
     method.attach(optimizer, progress.step)
 
     def save(now: Progress) -> None:
-        def write(folder):
-            save_into(folder, unwrap(trained), tokenizer, {PROGRESS_FILE: asdict(now)})
-            save_optimizer(folder, optimizer)
-        channel.save(write, f"{job.name}-stage{stage.index}-step{now.step:06d}")
+        channel.save(lambda folder: write_state(folder, now, unwrap(trained), optimizer, tokenizer, runtime),
+                     f"{job.name}-stage{stage.index}-step{now.step:06d}")
 
     recorder = StageRecorder(job, stage, runtime, channel, progress, save if method.resumable else None)
 
@@ -111,8 +96,8 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
                   on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
                   forward_context=lambda: autocast(job.precision, runtime.device))
     model = method.finish(unwrap(trained))
-    finish_stage(model, tokenizer, job, stage, runtime, channel, method.describe(), recorder.log(counts))
-    return model
+    log = {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer)}
+    return finish_stage(model, tokenizer, job, stage, runtime, channel, method.describe(), log)
 
 
 def _reference(model, job: BranchJob, stage: StageJob, resume: Progress | None, runtime: Runtime):
@@ -144,20 +129,27 @@ def _threads(stage: StageJob, runtime: Runtime):
 
 
 def finish_stage(model, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, channel, selection: dict,
-                 log: dict) -> None:
-    """Write the stage's checkpoint whole (rank 0), tell the driver, then mark the branch as past
-    this stage, so a restarted group goes on from the next one."""
+                 log: dict) -> torch.nn.Module:
+    """Write the stage's checkpoint whole (rank 0; under fsdp gathered from the shards), tell the
+    driver, then mark the branch as past this stage, so a restarted group goes on from the next
+    one. Returns the model the next stage starts from (under fsdp, the checkpoint loaded again,
+    to be sharded under the next stage's plan)."""
+    weights = None
+    if runtime.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if runtime.rank == 0:
-        write_checkpoint(stage.output, model, tokenizer, {PLAN_FILE: selection, TRAIN_LOG_FILE: log})
+        write_checkpoint(stage.output, model, tokenizer, {PLAN_FILE: selection, TRAIN_LOG_FILE: log}, weights)
         channel.notify(trained_event(job, stage, log))
     runtime.barrier()
-    channel.save(lambda folder: save_into_progress(folder, Progress(stage.index + 1)), f"{job.name}-stage{stage.index}-end")
+    channel.save(lambda folder: write_progress(folder, Progress(stage.index + 1), runtime),
+                 f"{job.name}-stage{stage.index}-end")
+    if runtime.sharded:
+        return runtime.place(load_checkpoint(stage.output)[0], job)
+    return model
 
 
 def trained_event(job: BranchJob, stage: StageJob, log: dict) -> StageTrained:
     return StageTrained(job.name, stage.index, stage.output, log["losses"], log["train_s"], log["step_s"],
                         log["trainable"], log["total"])
-
-
-def save_into_progress(folder, progress: Progress) -> None:
-    (Path(folder) / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))

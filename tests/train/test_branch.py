@@ -1,5 +1,8 @@
-"""The branch train function without Ray: in this process, after a crash, and under torchrun."""
+"""The branch train function without Ray: in this process, after a crash, and under torchrun
+(DDP and FSDP2 over gloo)."""
 
+import dataclasses
+import json
 import random
 import subprocess
 import sys
@@ -132,3 +135,57 @@ def test_a_branch_trains_in_bf16_with_gradient_checkpointing_and_keeps_its_dtype
     frozen = {p["param"] for u in started.selection["units"] for p in u["parts"]
               if u["key"] not in started.selection["trained"]}
     assert all(torch.equal(before[name], saved[name]) for name in frozen), "frozen stays bitwise, in bf16 too"
+
+
+def torchrun(tmp_path: Path, job: BranchJob, name: str, *extra: str) -> tuple[int, list[dict]]:
+    """`job` under torchrun with 2 processes; rank 0's events."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "job.json").write_text(job.to_json())
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(Path(__file__).parent / "torchrun_branch.py"), str(folder / "job.json"),
+                             str(folder / "events.jsonl"), *extra], capture_output=True, text=True, timeout=300)
+    events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    return result.returncode, events
+
+
+def sharded_job(tmp_path: Path, name: str, method: dict = HFT, **settings) -> BranchJob:
+    job = make_job(tmp_path, method, steps=8)
+    stages = tuple(dataclasses.replace(s, output=str(tmp_path / name / f"stage-{s.index}")) for s in job.stages[:2])
+    return dataclasses.replace(job, stages=stages, batch_size=16, log_every=4, **settings)
+
+
+def trained(events: list[dict], stage: int) -> dict:
+    return next(e for e in events if e["kind"] == "StageTrained" and e["stage"] == stage)
+
+
+def test_fsdp_trains_like_ddp_with_half_the_optimizer_state_and_frozen_tensors_untouched(tmp_path):
+    codes = {}
+    runs = {}
+    for name, method, strategy in (("ddp", HFT, "ddp"), ("fsdp", HFT, "fsdp"), ("fsdp-fft", {"kind": "fft"}, "fsdp")):
+        codes[name], runs[name] = torchrun(tmp_path, sharded_job(tmp_path, name, method, strategy=strategy), name)
+    assert codes == {"ddp": 0, "fsdp": 0, "fsdp-fft": 0}
+    for stage in (1, 2):
+        assert trained(runs["fsdp"], stage)["losses"] == pytest.approx(trained(runs["ddp"], stage)["losses"], rel=1e-4)
+    hft, fft = (json.loads((tmp_path / n / "stage-1" / "train_log.json").read_text())["optimizer_bytes"]
+                for n in ("fsdp", "fsdp-fft"))
+    assert hft / fft <= 0.55, "a frozen tensor has no optimizer state on any rank"
+    started = next(e for e in runs["fsdp"] if e["kind"] == "StageStarted" and e["stage"] == 2)
+    before, after = weights(tmp_path / "fsdp" / "stage-1"), weights(tmp_path / "fsdp" / "stage-2")
+    frozen = {p["param"] for u in started["selection"]["units"] for p in u["parts"]
+              if u["key"] not in started["selection"]["trained"]}
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+
+
+def test_a_sharded_bf16_branch_with_checkpointing_resumes_from_its_shards(tmp_path):
+    settings = {"strategy": "fsdp", "precision": "bf16", "gradient_checkpointing": True, "checkpoint_every": 4}
+    whole_code, whole = torchrun(tmp_path, sharded_job(tmp_path, "whole", **settings), "whole")
+    job = sharded_job(tmp_path, "crashed", **settings)
+    crash_code, _ = torchrun(tmp_path, job, "crashed", "--crash-at", "2", "8")  # after the step-4 shards
+    assert whole_code == 0 and crash_code != 0
+    assert (tmp_path / "crashed" / "resume" / "shards" / ".metadata").is_file(), "the step-4 shards"
+    code, resumed = torchrun(tmp_path, job, "crashed")
+    assert code == 0
+    assert [e["step"] for e in resumed if e["kind"] == "StageResumed"] == [4]
+    assert trained(resumed, 2)["losses"] == trained(whole, 2)["losses"]
+    assert {t.dtype for t in weights(job.stages[1].output).values()} == {torch.bfloat16}
