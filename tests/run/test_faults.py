@@ -18,7 +18,7 @@ HFT_RAY = [sys.executable, "-m", "hft_ray"]
 WORKER_LINE = re.compile(r"RayTrainWorker pid=(\d+)\).*hft stage 1/1 \(upper\): step (\d+)/")
 
 
-def write_pipeline(folder: Path, stages: str, methods: str, checkpoint_every: int = 0) -> Path:
+def write_pipeline(folder: Path, stages: str, methods: str, checkpoint_every: int = 0, train: str = "") -> Path:
     path = folder / "faults.yaml"
     path.write_text(f"""\
 name: faults
@@ -27,7 +27,7 @@ domains:
   upper: {{source: builtin:upper, eval_size: 16}}
   caesar: {{source: builtin:caesar, eval_size: 16}}
 stages: {stages}
-train: {{lr: 2.0e-3, batch_size: 32, max_length: 32, log_every: 5, checkpoint_every: {checkpoint_every}}}
+train: {{lr: 2.0e-3, batch_size: 32, max_length: 32, log_every: 5, checkpoint_every: {checkpoint_every}{train}}}
 methods: {methods}
 eval: {{metric: token_accuracy, max_new_tokens: 8, max_examples: 16}}
 output: {{dir: {folder / 'runs'}}}
@@ -47,9 +47,14 @@ def children(client: MlflowClient, parent_id: str):
     return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_a_killed_worker_is_restarted_from_the_stages_last_checkpoint(tmp_path):
+SHARDED = ", workers: 2, strategy: fsdp, precision: bf16, gradient_checkpointing: true"
+
+
+@pytest.mark.parametrize("train,steps", [("", 400), (SHARDED, 150)], ids=["ddp-1-worker", "fsdp-2-workers-bf16"])
+def test_a_killed_worker_is_restarted_from_the_stages_last_checkpoint(tmp_path, train, steps):
     # Long enough that the kill lands mid-stage even when Ray forwards the worker's lines late.
-    pipeline = write_pipeline(tmp_path, "[{domain: upper, steps: 400}]", "{hft: {kind: hft}}", checkpoint_every=20)
+    pipeline = write_pipeline(tmp_path, f"[{{domain: upper, steps: {steps}}}]", "{hft: {kind: hft}}",
+                              checkpoint_every=20, train=train)
     driver = start(pipeline, tmp_path, "--verbose")  # Ray's worker lines (with their pids) and notices
     killed, checkpointed, log = None, None, []
     try:
@@ -78,7 +83,7 @@ def test_a_killed_worker_is_restarted_from_the_stages_last_checkpoint(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (stage,) = children(client, result["parent_run_id"])
     history = client.get_metric_history(stage.info.run_id, "train/loss")
-    assert [m.step for m in history] == list(range(1, 401)), "every step's loss logged once"
+    assert [m.step for m in history] == list(range(1, steps + 1)), "every step's loss logged once"
     assert stage.info.status == "FINISHED" and client.get_run(result["parent_run_id"]).info.status == "FINISHED"
     matrix = result["methods"]["hft"]["matrix"]
     assert len(matrix["scores"]) == 2 and all(len(row) == 2 for row in matrix["scores"])
