@@ -25,13 +25,33 @@ def run_select(args: argparse.Namespace) -> int:
         raise UserError(*problems)
     plan = plan_units(model_units(model), model.config.model_type, args.granularity, args.ratio,
                       args.seed, args.stage, args.select_embeddings)
+    memory = _memory(args, model, plan) if args.memory else None
     if args.json:
-        print(json.dumps(plan.to_dict()))
-    else:
-        from hft_ray.cli.display import format_plan
+        print(json.dumps({**plan.to_dict(), **({"memory_gib": memory} if memory else {})}))
+        return 0
+    from hft_ray.cli.display import format_memory, format_plan
 
-        print(format_plan(plan, title=args.model))
+    print(format_plan(plan, title=args.model))
+    if memory:
+        print()
+        print(format_memory(memory, f"memory per worker, GiB ({args.precision}, {args.strategy} x{args.workers}, "
+                                    f"batch {args.batch_size} x {args.max_length} tokens"
+                                    f"{', gradient checkpointing' if args.gradient_checkpointing else ''})"))
     return 0
+
+
+def _memory(args: argparse.Namespace, model, plan) -> dict[str, dict[str, str]]:
+    """{"fft": estimate, "<granularity> <ratio>": estimate} in GiB (hft_ray/core/memory.py)."""
+    from hft_ray.core.memory import Setup, Shapes, estimate, trained_params
+
+    if args.workers < 1 or args.batch_size < 1 or args.max_length < 1:
+        raise UserError("--workers, --batch-size and --max-length take positive numbers")
+    setup = Setup(args.precision, args.strategy, args.workers, args.batch_size, args.max_length,
+                  args.gradient_checkpointing)
+    shapes = Shapes.of(model)
+    return {"fft": estimate(shapes, trained_params(model, None), setup).gib(),
+            f"hft {args.granularity} {args.ratio:g}": estimate(shapes, trained_params(model, plan.param_masks()),
+                                                                setup).gib()}
 
 
 @contextlib.contextmanager

@@ -53,3 +53,16 @@ def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = No
     if summary:
         lines.append("  ".join(f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}" for k, v in summary.items()))
     return "\n".join(lines)
+
+
+MEMORY_ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "AdamW state"),
+               ("step_temporaries", "step temporaries"), ("activations", "activations"), ("peak", "peak"))
+
+
+def format_memory(memory: dict[str, dict[str, str]], title: str) -> str:
+    """The estimates side by side: a row per part, a column per method."""
+    methods = list(memory)
+    lines = [title, f"{'':18}" + "".join(f"{m:>22}" for m in methods)]
+    for key, label in MEMORY_ROWS:
+        lines.append(f"{label:18}" + "".join(f"{memory[m][key]:>22}" for m in methods))
+    return "\n".join(lines)

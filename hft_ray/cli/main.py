@@ -54,6 +54,14 @@ def _add_select(sub) -> None:
     select.add_argument("--select-embeddings", action="store_true",
                         help="put embeddings, lm_head and the final norm under selection (default: trained)")
     select.add_argument("--json", action="store_true", help="print the plan as JSON")
+    memory = select.add_argument_group("memory", "with --memory: per-worker memory, FFT beside the plan")
+    memory.add_argument("--memory", action="store_true", help="estimate the memory a worker needs, FFT and the plan")
+    memory.add_argument("--precision", choices=("fp32", "bf16", "bf16-mixed"), default="bf16")
+    memory.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    memory.add_argument("--workers", type=int, default=1)
+    memory.add_argument("--batch-size", type=int, default=8, help="global batch (default: 8)")
+    memory.add_argument("--max-length", type=int, default=1024, help="tokens per example (default: 1024)")
+    memory.add_argument("--gradient-checkpointing", action="store_true")
     select.set_defaults(handler=commands.run_select)
 
 

@@ -12,6 +12,7 @@ from hft_ray.data.loading import DomainData, load_domain
 from hft_ray.errors import UserError
 from hft_ray.train.models import load_config, resolve_source
 from hft_ray.core.roles import Geometry, assign_roles
+from hft_ray.config.memory_check import check_memory
 from hft_ray.config.spec import FileSource, PipelineSpec
 
 
@@ -48,7 +49,8 @@ def _check_model(spec: PipelineSpec) -> list[str]:
                      Geometry.from_config(config))
     except UserError as error:
         return [f"model.source: {p.removeprefix('model: ')}" for p in error.problems]
-    return _check_strategy(spec, model) if spec.train.strategy == "fsdp" else []
+    problems = _check_strategy(spec, model) if spec.train.strategy == "fsdp" else []
+    return problems or check_memory(spec, model)
 
 
 def _check_strategy(spec: PipelineSpec, model) -> list[str]:

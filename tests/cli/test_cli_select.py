@@ -102,3 +102,15 @@ def test_the_real_smollm2_gguf_becomes_a_checkpoint_with_the_same_weights(tmp_pa
     weights = model.state_dict()
     assert again.state_dict().keys() == weights.keys()
     assert all(torch.equal(value, weights[name]) for name, value in again.state_dict().items())
+
+
+def test_select_estimates_the_memory_of_fft_and_of_the_plan(capsys):
+    from hft_ray.cli import main
+
+    assert main(["select", "builtin:tiny-llama", "--memory", "--json", "--precision", "bf16", "--batch-size", "4",
+                 "--max-length", "32"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory_gib"]
+    fft, hft = memory["fft"], memory["hft category 0.5"]
+    assert float(hft["optimizer"]) < 0.6 * float(fft["optimizer"]) and fft["weights"] == hft["weights"]
+    assert main(["select", "builtin:tiny-llama", "--memory", "--strategy", "fsdp", "--workers", "2"]) == 0
+    assert "memory per worker, GiB (bf16, fsdp x2" in capsys.readouterr().out

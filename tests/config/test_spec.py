@@ -93,6 +93,8 @@ CASES = [
      ["methods.hft.granularity: 'category' trains slices of fused tensors (transformer.h.0.attn.c_attn"]),
     ("fsdp with lora", {"train": {"strategy": "fsdp"}, "methods": {"lora": {"kind": "lora"}}},
      ["methods.lora: kind lora cannot run with train.strategy: fsdp"]),
+    ("memory that cannot fit", {"train": {"memory_gb": 0.001}},
+     ["methods.hft: needs about", "GiB per worker (weights", "more than train.memory_gb 0.001 GiB"]),
     ("unknown precision", {"train": {"precision": "fp16"}}, ["train.precision: Input should be 'fp32', 'bf16' or 'bf16-mixed'"]),
     ("unknown strategy", {"train": {"strategy": "zero3"}}, ["train.strategy: Input should be 'ddp' or 'fsdp'"]),
     ("preference rows lacking rejected", {"domains": {"a": {"source": "builtin:upper"},

@@ -1,0 +1,64 @@
+"""The memory preflight: a pipeline whose branches cannot fit the workers' memory is refused
+before anything starts (exit 2), with the estimate and what would fit (hft_ray/core/memory.py)."""
+
+from __future__ import annotations
+
+from hft_ray.config.spec import PipelineSpec
+from hft_ray.core.memory import GiB, Setup, Shapes, adapter_params, estimate, trained_params, what_fits
+from hft_ray.core.selection import select
+
+
+def worker_memory(spec: PipelineSpec) -> tuple[float, str] | None:
+    """Bytes a worker has, and where the figure comes from: `train.memory_gb`, else the GPU as
+    torch reports it (with use_gpu, on a machine that has one); else unknown (no check)."""
+    if spec.train.memory_gb:
+        return spec.train.memory_gb * GiB, "train.memory_gb"
+    import torch
+
+    if spec.train.use_gpu and torch.cuda.is_available():
+        device = torch.cuda.get_device_properties(0)
+        return device.total_memory, f"the {device.name}'s"
+    return None
+
+
+def setup_of(spec: PipelineSpec) -> Setup:
+    t = spec.train
+    return Setup(spec.precision, t.strategy, t.workers, t.batch_size, t.max_length, t.gradient_checkpointing)
+
+
+def method_trained(model, method) -> int:
+    """Parameters with gradients and AdamW state under `method` (a spec's method entry)."""
+    if method.kind == "lora":
+        return adapter_params(model, method.r)
+    if method.kind == "hft":
+        plan = select(model, method.granularity, method.ratio, 0, 1, method.select_embeddings)
+        return trained_params(model, plan.param_masks())
+    return trained_params(model, None)
+
+
+def check_memory(spec: PipelineSpec, model) -> list[str]:
+    """Every branch (and pretraining) that cannot fit, named with its estimate and what would."""
+    known = worker_memory(spec)
+    if known is None:
+        return []
+    limit, where = known
+    shapes, setup = Shapes.of(model), setup_of(spec)
+    hft = trained_params(model, select(model, "category", 0.5, 0, 1).param_masks())
+    branches = {f"methods.{name}": method for name, method in spec.methods.items()}
+    if spec.pretrain:
+        branches["pretrain"] = type("FFT", (), {"kind": "fft"})()
+    problems = []
+    for key, method in branches.items():
+        count = method_trained(model, method)
+        need = estimate(shapes, count, setup)
+        if need.peak <= limit:
+            continue
+        parts = need.gib()
+        fits = what_fits(shapes, count, setup, limit, hft if method.kind == "fft" else None)
+        problems.append(
+            f"{key}: needs about {parts['peak']} GiB per worker (weights {parts['weights']}, gradients "
+            f"{parts['gradients']}, AdamW state {parts['optimizer']}, step temporaries {parts['step_temporaries']}, "
+            f"activations {parts['activations']}), more than {where} {limit / GiB:.3g} GiB; "
+            + (f"would fit: {'; '.join(fits)}" if fits else "no single change of precision, checkpointing, "
+               "sharding or method makes it fit; lower train.batch_size or train.max_length"))
+    return problems
