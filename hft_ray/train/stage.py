@@ -53,13 +53,22 @@ class StageRecorder:
 
     def log(self, counts: dict) -> dict:
         times = self.progress.step_times
-        return {"losses": self.progress.losses, "train_s": sum(times), "step_s": statistics.median(times), **counts}
+        return {"losses": self.progress.losses, "train_s": sum(times), "step_s": statistics.median(times),
+                "step_times": times, **counts}
 
 
 def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, channel,
                 resume: Progress | None = None, resume_folder: Path | None = None) -> torch.nn.Module:
-    """Train `stage` on `model` (on `runtime.device`); returns the plain model the next stage
-    starts from. With `resume` (step > 0), training goes on from the checkpoint in `resume_folder`."""
+    """Train `stage` on `model` (on `runtime.device`) and write its checkpoint; returns the plain
+    model the next stage starts from. With `resume` (step > 0), training goes on from the
+    checkpoint in `resume_folder`."""
+    model, selection, log = fit_stage(model, tokenizer, job, stage, runtime, channel, resume, resume_folder)
+    return finish_stage(model, tokenizer, job, stage, runtime, channel, selection, log)
+
+
+def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, channel,
+              resume: Progress | None = None, resume_folder: Path | None = None) -> tuple[torch.nn.Module, dict, dict]:
+    """The stage's optimizer steps: (the trained plain model, what it trained, its training log)."""
     torch.manual_seed(stage.seed)
     data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime), runtime.device)
     method = build_method(stage, job)
@@ -71,14 +80,7 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
     optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, job.weight_decay, stage.steps)
     progress = resume if resume is not None and resume.step and method.resumable else Progress(stage.index)
     if progress.step:
-        read_state(resume_folder, trained, optimizer, runtime)
-        with warnings.catch_warnings():  # stepping the schedule forward to where it was, before any step
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
-            for _ in range(progress.step):
-                scheduler.step()
-        if runtime.rank == 0:
-            channel.notify(StageResumed(job.name, stage.index, progress.step))
-            sys.stdout.write(f"[hft-ray] {stage.label}: resuming at step {progress.step + 1} after a worker failure\n")
+        _resume(progress, resume_folder, trained, optimizer, scheduler, job, stage, runtime, channel)
     method.attach(optimizer, progress.step)
 
     def save(now: Progress) -> None:
@@ -96,8 +98,21 @@ def train_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJ
                   on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
                   forward_context=lambda: autocast(job.precision, runtime.device))
     model = method.finish(unwrap(trained))
-    log = {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer)}
-    return finish_stage(model, tokenizer, job, stage, runtime, channel, method.describe(), log)
+    return model, method.describe(), {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer)}
+
+
+def _resume(progress: Progress, folder: Path, model, optimizer, scheduler, job: BranchJob, stage: StageJob,
+            runtime: Runtime, channel) -> None:
+    """Where a restarted group picks the stage up: optimizer (and, sharded, model) state, the
+    learning-rate schedule stepped on."""
+    read_state(folder, model, optimizer, runtime)
+    with warnings.catch_warnings():  # stepping the schedule forward to where it was, before any step
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+        for _ in range(progress.step):
+            scheduler.step()
+    if runtime.rank == 0:
+        channel.notify(StageResumed(job.name, stage.index, progress.step))
+        sys.stdout.write(f"[hft-ray] {stage.label}: resuming at step {progress.step + 1} after a worker failure\n")
 
 
 def _reference(model, job: BranchJob, stage: StageJob, resume: Progress | None, runtime: Runtime):
