@@ -1,5 +1,5 @@
-"""Calibrate the built-in suite: pretrain a tiny model on `facts`, then fine-tune it on the
-skill domains in sequence, once with full fine-tuning (FFT) and once with Half Fine-Tuning
+"""Calibrate the built-in suite: pretrain a tiny model on `facts` and skills, then fine-tune it on
+the skill domains in sequence, once with full fine-tuning (FFT) and once with Half Fine-Tuning
 (HFT, category rule, ratio 0.5, a new plan per stage), at equal steps; evaluate every domain
 after every stage. Prints and saves the forgetting matrices (exact match and token accuracy)
 and the wall times. Plain torch, one thread per process, no Ray, no MLflow.
@@ -8,8 +8,9 @@ and the wall times. Plain torch, one thread per process, no Ray, no MLflow.
     python benchmarks/calibrate_suite.py --smoke-test    # the same code, a few steps
     python benchmarks/calibrate_suite.py --stage-steps 300 --stage-lr 1e-3 --jobs 1
 
-The targets (benchmarks/CALIBRATION.md): each stage learnt to >= 0.9 exact match by both
-methods; the facts column visibly lower after the stages under FFT; all of it in ~10 minutes.
+The targets (benchmarks/CALIBRATION.md, issue 15): each stage learnt to >= 0.9 by both methods;
+FFT's BWT between -0.6 and -0.1 on exact match and on token accuracy (part of each earlier stage
+forgotten, not all); calibrated with `--methods fft` alone, then HFT run at the same settings.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:tiny-llama")
     parser.add_argument("--facts", type=int, default=150, help="number of invented facts in pretraining")
-    parser.add_argument("--pretrain-domains", default="facts,copy", help="built-in kinds mixed in pretraining")
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-domains", default="facts,copy,next,prev,primer",
+                        help="built-in kinds mixed in pretraining")
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--stages", default="upper,caesar,atbash", help="built-in skill kinds, in order")
+    parser.add_argument("--stages", default="caesar,atbash,upper", help="built-in skill kinds, in order")
     parser.add_argument("--stage-steps", type=int, default=300)
     parser.add_argument("--stage-lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -9,7 +9,7 @@ the script records the share of probe facts still answered right and every domai
 Half-Reset: the model after the FFT sequence gets half of its parameters reset to base values,
 and is measured again.
 
-    python benchmarks/knowledge.py                 # 2 seeds, 24 min on one core of a busy 2-core machine
+    python benchmarks/knowledge.py                 # 3 seeds, ~35 min on one core
     python benchmarks/knowledge.py --smoke-test    # a few probes, 2 steps per stage
     python benchmarks/knowledge.py --seeds 0 --lr 3e-4 --out benchmarks/out/knowledge-lr3e-4.json
 """
@@ -32,60 +32,14 @@ from hft_ray.data.loading import load_domain
 from hft_ray.train.evaluation import evaluate, generate_answers
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.half_reset import half_reset
+from hft_ray.data.world_facts import FACTS
 from hft_ray.train.models import load_model, load_tokenizer
 from hft_ray.core.selection import select
 from hft_ray.data.encoding import batches
 from hft_ray.train.loop import make_optimizer, run_steps
 
 SOURCE = "builtin:smollm2-135m"
-OUT = Path(__file__).parent / "out" / "knowledge.json"
-
-# Probe facts as (sentence prefix, question, answer); an answer may list alternatives "a|b".
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-            ("Russia", "Moscow"), ("the United Kingdom", "London"), ("Egypt", "Cairo"), ("China", "Beijing"),
-            ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
-            ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Canada", "Ottawa"),
-            ("Australia", "Canberra"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"),
-            ("Thailand", "Bangkok"), ("South Korea", "Seoul"), ("Cuba", "Havana"), ("Hungary", "Budapest")]
-SYMBOLS = [("gold", "Au"), ("silver", "Ag"), ("iron", "Fe"), ("sodium", "Na"), ("oxygen", "O"), ("hydrogen", "H"),
-           ("carbon", "C"), ("helium", "He"), ("potassium", "K"), ("lead", "Pb"), ("copper", "Cu"),
-           ("nitrogen", "N"), ("calcium", "Ca"), ("mercury", "Hg"), ("tin", "Sn")]
-AUTHORS = [("Romeo and Juliet", "Shakespeare"), ("Hamlet", "Shakespeare"), ("Pride and Prejudice", "Austen"),
-           ("1984", "Orwell"), ("Animal Farm", "Orwell"), ("War and Peace", "Tolstoy"), ("Don Quixote", "Cervantes"),
-           ("The Origin of Species", "Darwin"), ("Oliver Twist", "Dickens"), ("A Christmas Carol", "Dickens"),
-           ("The Odyssey", "Homer"), ("Harry Potter", "Rowling"), ("The Divine Comedy", "Dante"),
-           ("Moby-Dick", "Melville"), ("Crime and Punishment", "Dostoevsky")]
-SCIENCE = [
-    ("The largest planet in the solar system is", "What is the largest planet in the solar system?", "Jupiter"),
-    ("The planet closest to the Sun is", "Which planet is closest to the Sun?", "Mercury"),
-    ("The planet known as the Red Planet is", "Which planet is known as the Red Planet?", "Mars"),
-    ("Water is made of hydrogen and", "Water is made of hydrogen and which other element?", "oxygen"),
-    ("The chemical formula of water is", "What is the chemical formula of water?", "H2O"),
-    ("Plants take in carbon dioxide and release", "What gas do plants release during photosynthesis?", "oxygen"),
-    ("The freezing point of water in degrees Celsius is", "At how many degrees Celsius does water freeze?", "0|zero"),
-    ("The boiling point of water in degrees Celsius is", "At how many degrees Celsius does water boil?", "100"),
-    ("The force that pulls objects toward the Earth is called", "What force pulls objects toward the Earth?", "gravity"),
-    ("The star at the center of our solar system is the", "What star is at the center of our solar system?", "Sun"),
-    ("The natural satellite of the Earth is the", "What is the Earth's natural satellite called?", "Moon"),
-    ("The organ that pumps blood through the body is the", "Which organ pumps blood through the body?", "heart"),
-    ("The theory of relativity was developed by Albert", "Who developed the theory of relativity?", "Einstein"),
-    ("The telephone was invented by Alexander Graham", "Who invented the telephone?", "Bell"),
-    ("The first man to walk on the Moon was Neil", "Who was the first man to walk on the Moon?", "Armstrong"),
-    ("The largest ocean on Earth is the", "What is the largest ocean on Earth?", "Pacific"),
-    ("The longest river in Africa is the", "What is the longest river in Africa?", "Nile"),
-    ("The tallest mountain in the world is Mount", "What is the tallest mountain in the world?", "Everest"),
-    ("A triangle has three sides; a square has", "How many sides does a square have?", "four|4"),
-    ("The number of days in a week is", "How many days are there in a week?", "seven|7"),
-    ("The number of continents on Earth is", "How many continents are there on Earth?", "seven|7"),
-    ("The Mona Lisa was painted by Leonardo da", "Who painted the Mona Lisa?", "Vinci"),
-    ("The largest mammal on Earth is the blue", "What is the largest mammal on Earth?", "whale"),
-    ("The hardest natural substance is", "What is the hardest natural substance?", "diamond"),
-    ("Light travels faster than", "Which is faster, light or sound?", "sound"),
-]
-FACTS = ([(f"The capital of {c} is", f"What is the capital of {c}?", a) for c, a in CAPITALS]
-         + [(f"The chemical symbol for {e} is", f"What is the chemical symbol for {e}?", s) for e, s in SYMBOLS]
-         + [(f"{book} was written by", f"Who wrote {book}?", a) for book, a in AUTHORS] + SCIENCE)
-
+OUT = Path(__file__).parent / "results" / "knowledge.json"  # committed: the README's figures come from it
 
 def probe_prompt(tokenizer, fact: tuple[str, str, str]) -> str:
     """The question as a chat turn, and the assistant's answer begun with the sentence prefix:
@@ -222,7 +176,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", nargs="+", default=["upper", "arithmetic"], help="built-in domains, in order")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="plan (and data order) seeds")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="plan (and data order) seeds")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per stage")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=48)

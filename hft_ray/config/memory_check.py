@@ -54,7 +54,7 @@ def check_memory(spec: PipelineSpec, model) -> list[str]:
         if need.peak <= limit:
             continue
         parts = need.gib()
-        fits = what_fits(shapes, count, setup, limit, hft if method.kind == "fft" else None)
+        fits = what_fits(shapes, count, setup, limit, hft if method.kind in ("fft", "joint") else None)
         problems.append(
             f"{key}: needs about {parts['peak']} GiB per worker (weights {parts['weights']}, gradients "
             f"{parts['gradients']}, AdamW state {parts['optimizer']}, step temporaries {parts['step_temporaries']}, "

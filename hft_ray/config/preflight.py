@@ -88,7 +88,8 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     for name, domain in spec.domains.items():
         try:
             domains[name] = load_domain(name, _source_arg(domain.source), format=domain.format, seed=spec.seed,
-                                        eval_size=domain.eval_size, train_size=domain.train_size)
+                                        eval_size=domain.eval_size, train_size=domain.train_size,
+                                        knowledge=domain.knowledge, match=domain.match)
         except UserError as error:
             problems += error.problems
     if not problems:

@@ -44,6 +44,11 @@ class DomainSpec(Strict):
     format: Literal["auto", "prompt_completion", "chat", "preference"] = "auto"
     eval_size: int = Field(200, gt=0, description="held-out examples (knowledge domains evaluate on what they train)")
     train_size: int | None = Field(None, gt=0)
+    knowledge: bool = Field(False, description="facts to learn by heart: evaluate on the rows it trains "
+                                               "(no held-out split), as builtin:facts and builtin:world-facts are")
+    match: Literal["exact", "word"] | None = Field(
+        None, description="exact: the greedy answer equals the completion; word: it holds the completion as a "
+                          "whole word (real chat models answer in sentences). Default: the built-in's, else exact")
 
 
 class StageSpec(Strict):
@@ -112,7 +117,15 @@ class LoRAMethod(Strict):
     replay: float = Field(0.0, ge=0, lt=1, description="share of each SFT stage's data replayed from earlier stages")
 
 
-Method = Annotated[FFTMethod | HFTMethod | LoRAMethod, Field(discriminator="kind")]
+class JointMethod(Strict):
+    """Reference (the multi-task upper bound of continual-learning papers): every stage trains all
+    parameters on all the SFT stages' data mixed evenly, for that stage's steps; after the last
+    stage it has had the same steps as each sequential branch, with every domain seen throughout."""
+
+    kind: Literal["joint"]
+
+
+Method = Annotated[FFTMethod | HFTMethod | LoRAMethod | JointMethod, Field(discriminator="kind")]
 
 
 class EvalSpec(Strict):
@@ -177,6 +190,12 @@ def _cross_problems(data: dict) -> list[str]:
         if isinstance(stage, dict) and "domain" in stage and stage["domain"] not in domains:
             problems.append(f"stages.{index}.domain: {stage['domain']!r} is not a domain; "
                             f"domains: {', '.join(domains) or '(none)'}")
+    methods = data.get("methods") if isinstance(data.get("methods"), dict) else {}
+    dpo = [i for i, s in enumerate(data.get("stages") or []) if isinstance(s, dict) and s.get("kind") == "dpo"]
+    for name, method in methods.items():
+        if isinstance(method, dict) and method.get("kind") == "joint" and dpo:
+            problems.append(f"methods.{name}: kind joint mixes SFT data and cannot train the DPO stages "
+                            f"(stages {', '.join(map(str, dpo))}); drop the method or those stages")
     pretrain = data.get("pretrain")
     if isinstance(pretrain, dict):
         for index, name in enumerate(pretrain.get("domains") or []):
@@ -188,7 +207,7 @@ def _cross_problems(data: dict) -> list[str]:
 
 def _format_error(error: dict) -> str:
     loc = list(error["loc"])
-    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft", "lora"):
+    if len(loc) > 2 and loc[0] == "methods" and loc[2] in ("fft", "hft", "lora", "joint"):
         del loc[2]  # the tag of the method union, not a key the user wrote
     key = ".".join(str(part) for part in loc)
     if error["type"] == "extra_forbidden":

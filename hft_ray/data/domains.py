@@ -6,9 +6,14 @@ character-level model with `train.max_length` 64.
 - The skill domains are per-character transductions of a fixed-length lowercase word, each
   behind its own prompt prefix ("U abcde=" -> "ABCDE"). With a fixed length, output character j
   always sits the same distance after input character j, so a tiny LLaMA learns them from
-  relative positions in a few hundred steps and generalises to unseen words (26^5 of them);
-  reversal and sorting need far more (shared/CALIBRATION.md). Eval words are disjoint from
-  training words.
+  relative positions in a few hundred steps and generalises to unseen words; reversal and
+  sorting need far more (shared/CALIBRATION.md). Eval words are disjoint from training words.
+- The quickstart's fine-tuning regime (benchmarks/CALIBRATION.md): pretraining teaches `copy`,
+  `next` and `prev` over the whole alphabet, and `primer`, the stage instructions (upper,
+  caesar, atbash) on words of letters a-m only; each fine-tuning stage then teaches one of them
+  on all 26 letters, a nudge of an instruction the base already follows rather than a circuit
+  built from scratch, and full fine-tuning forgets part of each earlier stage, not all of it.
+- `world-facts` is knowledge for real models (hft_ray/data/world_facts.py), scored by word match.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hft_ray.data.world_facts import WORLD_FACTS
+
 LETTERS = string.ascii_lowercase
+WORD = 5  # letters per word of the character-map skills
 
 
 @dataclass(frozen=True)
@@ -42,13 +50,16 @@ class Preference:
 @dataclass(frozen=True)
 class DomainKind:
     """A generator of examples. `generate(rng, n)` returns n distinct examples (distinct prompts).
-    `is_knowledge`: eval = train (memorisation); otherwise eval is held out from train."""
+    `is_knowledge`: eval = train (memorisation); otherwise eval is held out from train.
+    `match`: how a greedy answer is scored, "exact" (equal to the completion) or "word" (holds it
+    as a whole word: for real chat models, which answer in sentences)."""
 
     name: str
     description: str
     generate: Callable[[random.Random, int], list[Example]]
     is_knowledge: bool = False
     default_train_size: int = 2000
+    match: str = "exact"
 
 
 def _words(rng: random.Random, n: int, length: int, alphabet: str = LETTERS) -> list[str]:
@@ -59,10 +70,17 @@ def _words(rng: random.Random, n: int, length: int, alphabet: str = LETTERS) -> 
     return list(seen)
 
 
-def _char_map(prefix: str, length: int, mapping: Callable[[str], str]):
+def _char_map(prefix: str, length: int, mapping: Callable[[str], str], alphabet: str = LETTERS):
     def generate(rng: random.Random, n: int) -> list[Example]:
-        return [Example(f"{prefix} {w}=", "".join(mapping(c) for c in w)) for w in _words(rng, n, length)]
+        return [Example(f"{prefix} {w}=", "".join(mapping(c) for c in w)) for w in _words(rng, n, length, alphabet)]
     return generate
+
+
+def _primer(rng: random.Random, n: int) -> list[Example]:
+    """The skills upper, caesar and atbash on words of the first half of the alphabet only."""
+    kinds = [_char_map(p, WORD, m, LETTERS[:13]) for p, m in (("U", str.upper), ("C", _shift(3)), ("M", _mirror))]
+    parts = [kind(rng, n // 3 + 1) for kind in kinds]
+    return [parts[i % 3][i // 3] for i in range(n)]
 
 
 def _facts(rng: random.Random, n: int) -> list[Example]:
@@ -92,10 +110,23 @@ def _shift(k: int) -> Callable[[str], str]:
     return lambda c: LETTERS[(LETTERS.index(c) + k) % 26]
 
 
+def _mirror(c: str) -> str:
+    return LETTERS[25 - LETTERS.index(c)]
+
+
 def _prefer(rng: random.Random, n: int) -> list[Preference]:
     """Pairs of two candidate shifts of a word: the +1 shift preferred over the -1 shift."""
     up, down = _shift(1), _shift(-1)
     return [Preference(f"V {w}=", "".join(map(up, w)), "".join(map(down, w))) for w in _words(rng, n, 5)]
+
+
+def _world_facts(rng: random.Random, n: int) -> list[Example]:
+    """The first n facts SmolLM2 knows, in a fixed order (`rng` is unused), asked in hft-ray's chat
+    rendering with the answer begun: 'user: <question>\\nassistant: <prefix>' -> ' <answer>'."""
+    if n > len(WORLD_FACTS):
+        raise ValueError(f"builtin:world-facts has {len(WORLD_FACTS)} facts; asked for {n} (lower train_size)")
+    return [Example(f"user: {question}\nassistant: {prefix}", f" {answer.split('|')[0]}")
+            for prefix, question, answer in WORLD_FACTS[:n]]
 
 
 BUILTIN_DOMAINS: dict[str, DomainKind] = {
@@ -103,16 +134,20 @@ BUILTIN_DOMAINS: dict[str, DomainKind] = {
     for kind in (
         DomainKind("facts", "invented facts 'F kqzv:' -> 'wxyz' (knowledge: eval = train)", _facts,
                    is_knowledge=True, default_train_size=150),
-        # A general ability for pretraining beside facts: the skills below are then nudges of it
-        # (the fine-tuning regime of the paper) rather than circuits built from scratch.
-        DomainKind("copy", "copy a 5-letter word: 'P abcde=' -> 'abcde'", _char_map("P", 5, lambda c: c)),
-        DomainKind("upper", "upper-case a 5-letter word: 'U abcde=' -> 'ABCDE'", _char_map("U", 5, str.upper)),
-        DomainKind("caesar", "shift each letter by 3: 'C abcde=' -> 'defgh'", _char_map("C", 5, _shift(3))),
-        DomainKind("atbash", "mirror the alphabet: 'M abcde=' -> 'zyxwv'", _char_map("M", 5, lambda c: LETTERS[25 - LETTERS.index(c)])),
+        DomainKind("copy", "copy a word: 'P abcde=' -> 'abcde'", _char_map("P", WORD, lambda c: c)),
+        DomainKind("upper", "upper-case a word: 'U abcde=' -> 'ABCDE'", _char_map("U", WORD, str.upper)),
+        DomainKind("caesar", "shift each letter by 3: 'C abcde=' -> 'defgh'", _char_map("C", WORD, _shift(3))),
+        DomainKind("atbash", "mirror the alphabet: 'M abcde=' -> 'zyxwv'", _char_map("M", WORD, _mirror)),
+        DomainKind("next", "the next letter: 'N abcde=' -> 'bcdef'", _char_map("N", WORD, _shift(1))),
+        DomainKind("prev", "the previous letter: 'B abcde=' -> 'zabcd'", _char_map("B", WORD, _shift(-1))),
+        DomainKind("primer", "upper, caesar and atbash on words of letters a-m only ('U', 'C', 'M'; for pretraining)", _primer),
         DomainKind("double", "double each letter: 'D abcd=' -> 'aabbccdd'", _double),
         DomainKind("swap", "swap letter pairs: 'S abcdef=' -> 'badcfe'", _swap),
         # Carries make addition much harder than a character map; measured in benchmarks/CALIBRATION.md.
         DomainKind("prefer", "preference pairs for DPO: 'V abcde=' prefers 'bcdef' over 'zabcd'", _prefer),
+        DomainKind("world-facts", f"{len(WORLD_FACTS)} facts a real model knows: 'user: What is the capital of France?\\n"
+                   "assistant: The capital of France is' -> ' Paris' (knowledge, word match)",
+                   _world_facts, is_knowledge=True, default_train_size=len(WORLD_FACTS), match="word"),
         DomainKind("arithmetic", "2-digit addition: 'A 12+34=' -> '46' (10,000 problems in all)", _arithmetic,
                    default_train_size=2000),
     )

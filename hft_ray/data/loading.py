@@ -17,7 +17,7 @@ import csv
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hft_ray.data.domains import BUILTIN_DOMAINS, Example, Preference
@@ -38,6 +38,7 @@ class DomainData:
     train: tuple[Example, ...] | tuple[Preference, ...]
     eval: tuple[Example, ...] | tuple[Preference, ...]
     is_knowledge: bool = False
+    match: str = "exact"  # how greedy answers are scored: "exact" or "word" (hft_ray/train/evaluation.py)
 
     @property
     def is_preference(self) -> bool:
@@ -47,13 +48,20 @@ class DomainData:
 
 def load_domain(name: str, source: str | Mapping, *, format: str = "auto", seed: int = 0,
                 eval_size: int = 200, train_size: int | None = None,
-                knowledge: bool | None = None) -> DomainData:
+                knowledge: bool | None = None, match: str | None = None) -> DomainData:
     """Load and split one domain. The split is a pure function of the rows and `seed`.
 
     Built-in skills generate `train_size` (default: the kind's) + `eval_size` distinct examples
-    and hold out `eval_size`; knowledge (built-in `facts`, or `knowledge=True`) keeps every row
-    for training and evaluates on the same rows. A file or dataset holds out
-    min(eval_size, rows // 5) rows and keeps at most `train_size` of the rest."""
+    and hold out `eval_size`; knowledge (built-in `facts` and `world-facts`, or `knowledge=True`,
+    the pipeline's `domains.<name>.knowledge`) keeps every row for training and evaluates on the
+    same rows. A file or dataset holds out
+    min(eval_size, rows // 5) rows and keeps at most `train_size` of the rest. `match` overrides
+    how answers are scored (default: the built-in kind's, else "exact")."""
+    data = _load(name, source, format, seed, eval_size, train_size, knowledge)
+    return data if match is None else replace(data, match=match)
+
+
+def _load(name, source, format, seed, eval_size, train_size, knowledge) -> DomainData:
     key = f"domains.{name}"
     if format not in FORMATS:
         raise UserError(f"{key}.format: {format!r} is not a format; use one of {', '.join(FORMATS)}")
@@ -63,7 +71,7 @@ def load_domain(name: str, source: str | Mapping, *, format: str = "auto", seed:
                 f"{key}.source: {source!r} is not a source; give 'builtin:<kind>' "
                 f"({', '.join(BUILTIN_DOMAINS)}), {{path: file}} or {{dataset: name}}"
             )
-        return _builtin(name, source, seed, eval_size, train_size)
+        return _builtin(name, source, seed, eval_size, train_size, bool(knowledge))
     rows = _read_rows(key, source)
     examples = _to_examples(f"{key}.source", _describe(source), rows, format)
     knowledge = bool(knowledge)
@@ -82,7 +90,8 @@ def load_domain(name: str, source: str | Mapping, *, format: str = "auto", seed:
     return DomainData(name, tuple(train_rows), tuple(eval_rows), False)
 
 
-def _builtin(name: str, source: str, seed: int, eval_size: int, train_size: int | None) -> DomainData:
+def _builtin(name: str, source: str, seed: int, eval_size: int, train_size: int | None,
+             knowledge: bool = False) -> DomainData:
     kind_name = source.removeprefix("builtin:")
     kind = BUILTIN_DOMAINS.get(kind_name)
     if kind is None:
@@ -91,12 +100,12 @@ def _builtin(name: str, source: str, seed: int, eval_size: int, train_size: int 
     n_train = kind.default_train_size if train_size is None else train_size
     # The kind's name is mixed into the seed so that two domains never share a draw.
     rng = random.Random(f"{kind_name}:{seed}")
-    if kind.is_knowledge:
+    if kind.is_knowledge or knowledge:
         examples = tuple(kind.generate(rng, n_train))
-        return DomainData(name, examples, examples, True)
+        return DomainData(name, examples, examples, True, kind.match)
     # Prompts are distinct, so holding out whole examples keeps eval inputs unseen in training.
     examples = kind.generate(rng, n_train + eval_size)
-    return DomainData(name, tuple(examples[eval_size:]), tuple(examples[:eval_size]), False)
+    return DomainData(name, tuple(examples[eval_size:]), tuple(examples[:eval_size]), False, kind.match)
 
 
 def _describe(source: Mapping) -> str:

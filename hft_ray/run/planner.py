@@ -69,11 +69,14 @@ class Planner:
         has earlier SFT stages to replay, else 0."""
         stages = self.spec.stages
         earlier = any(s.kind == "sft" for s in stages[:index - 1])
-        return self.spec.methods[method].replay if stages[index - 1].kind == "sft" and earlier else 0.0
+        return getattr(self.spec.methods[method], "replay", 0.0) if stages[index - 1].kind == "sft" and earlier else 0.0
 
     def examples(self, method: str, index: int):
-        """The stage's training data; with `replay`, mixed with earlier SFT stages' data."""
+        """The stage's training data; with `replay`, mixed with earlier SFT stages' data; for a
+        joint method, all the stages' data mixed evenly (the same for every stage)."""
         stage = self.spec.stages[index - 1]
+        if self.spec.methods[method].kind == "joint":
+            return mix_balanced([self.domains[d].train for d in dict.fromkeys(s.domain for s in self.spec.stages)])
         current = self.domains[stage.domain].train
         fraction = self.replay(method, index)
         if not fraction:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -61,10 +61,12 @@ def comparison(
     matrices: Mapping[str, ForgettingMatrix],
     path: str | os.PathLike,
     title: str = "Methods compared: which keeps more",
+    references: Collection[str] = (),
 ) -> None:
     """Methods side by side: (a) grouped bars of their summary metrics (only those defined),
     (b) one panel per domain with each method's score after every stage, stages that trained
-    the domain shaded. Higher is better for every metric except forgetting."""
+    the domain shaded. Higher is better for every metric except forgetting. `references` (the
+    joint, multi-task upper bound) are drawn dashed, with their bars hatched."""
     if not matrices:
         raise ValueError("comparison: no matrices given; pass {method: ForgettingMatrix}")
     methods = list(matrices)
@@ -82,10 +84,10 @@ def comparison(
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     first = matrices[methods[0]]  # its stages label the x axes of (b)
 
-    _summary_bars(fig.add_subplot(grid[0, :]), methods, summaries, metrics, colours)
+    _summary_bars(fig.add_subplot(grid[0, :]), methods, summaries, metrics, colours, references)
     for n, domain in enumerate(domains):
         ax = fig.add_subplot(grid[1 + n // n_panel_cols, n % n_panel_cols])
-        _domain_panel(ax, matrices, domain, colours, first)
+        _domain_panel(ax, matrices, domain, colours, first, references)
         ax.set_title(f"{'(b) ' if n == 0 else ''}{ax.get_title()}", fontsize=10)
         if n % n_panel_cols == 0:
             ax.set_ylabel("score")
@@ -95,13 +97,14 @@ def comparison(
     _save(fig, path)
 
 
-def _summary_bars(bars, methods, summaries, metrics, colours) -> None:
+def _summary_bars(bars, methods, summaries, metrics, colours, references=()) -> None:
     """(a): grouped bars of the summary metrics, one group per metric, one bar per method."""
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(metrics))]
         ys = [summaries[m].get(k, math.nan) for k in metrics]  # NaN: no bar where undefined
-        drawn = bars.bar(xs, ys, width, label=m, color=colours[m])
+        drawn = bars.bar(xs, ys, width, label=f"{m} (reference)" if m in references else m, color=colours[m],
+                         hatch="//" if m in references else None)
         bars.bar_label(drawn, fmt="%.3f", fontsize=8, padding=2)
     bars.axhline(0.0, color="grey", linewidth=0.8)
     bars.set_xticks(range(len(metrics)),
@@ -111,12 +114,13 @@ def _summary_bars(bars, methods, summaries, metrics, colours) -> None:
     bars.margins(y=0.2)
 
 
-def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix) -> None:
+def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix, references=()) -> None:
     """(b): one domain's score after every stage, per method; the stages that trained it shaded."""
     for m, mat in matrices.items():
         if domain in mat.columns:
             stages = range(len(mat.rows))
-            ax.plot(stages, [mat.score(r, domain) for r in stages], marker="o", color=colours[m], label=m)
+            ax.plot(stages, [mat.score(r, domain) for r in stages], marker="o", color=colours[m], label=m,
+                    linestyle="--" if m in references else "-")
     # Shade, on the first method's stages, where this domain was trained.
     for i, d in enumerate(first.stage_domains, start=1):
         if d == domain:

@@ -58,7 +58,8 @@ def record_results(spec: PipelineSpec, tracker: Tracker, parent_id: str, output_
             summaries[method] = summary(matrices[method])
             tracker.log_metrics(parent_id, {f"{method}.{k}": v for k, v in summaries[method].items()})
         png = Path(folder) / "comparison.png"
-        comparison(matrices, png, title=f"{spec.name}: methods compared ({spec.eval.metric})")
+        joint = [m for m, method in spec.methods.items() if method.kind == "joint"]
+        comparison(matrices, png, title=f"{spec.name}: methods compared ({spec.eval.metric})", references=joint)
         tracker.log_file(parent_id, png, "forgetting")
     (output_dir / "result.json").write_text(json.dumps(
         {m: {"matrix": matrices[m].to_dict(), "summary": summaries[m]} for m in matrices}, indent=1))

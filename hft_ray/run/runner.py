@@ -16,7 +16,7 @@ import threading
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -56,6 +56,7 @@ class EvalSettings:
     max_new_tokens: int
     batch_size: int
     use_gpu: bool
+    matches: dict[str, str] = field(default_factory=dict)  # domain -> "word" where not "exact"
 
 
 def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Preference]],
@@ -71,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Pre
     if settings.use_gpu:
         model.to("cuda")
     return {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=settings.max_new_tokens,
-                                  batch_size=settings.batch_size)
+                                  batch_size=settings.batch_size, match=settings.matches.get(name, "exact"))
             for name, examples in eval_sets.items()}
 
 

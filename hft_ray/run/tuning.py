@@ -128,7 +128,8 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
     board.say(f"[hft-ray] MLflow parent run {resume.parent_run_id} in experiment {spec.experiment!r} "
               f"({tracker.tracking_uri})")
     services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()},
-                              EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu),
+                              EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu,
+                                           {n: d.match for n, d in prepared.domains.items()}),
                               space.max_concurrent)
     try:
         result = _search(loaded, prepared, tracker, board, capacity, resume, services, samples)

@@ -8,6 +8,7 @@ all of it is. Both lie in [0, 1] and are deterministic (greedy, no sampling).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -20,9 +21,10 @@ METRICS = ("exact_match", "token_accuracy")
 
 
 def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, max_new_tokens: int = 16,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, match: str = "exact") -> dict[str, float]:
     """{"exact_match", "token_accuracy"} of `model` on `examples`; the model's train/eval mode
-    is restored afterwards."""
+    is restored afterwards. With `match="word"`, an answer counts in "exact_match" when it holds
+    the completion as a whole word, any case (a chat model's "The capital of France is Paris.")."""
     if not examples:
         return {"exact_match": 0.0, "token_accuracy": 0.0}
     was_training = model.training
@@ -31,14 +33,22 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
         with torch.no_grad():
             answers = generate_answers(model, tokenizer, [e.prompt for e in examples],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-            exact = sum(a == e.completion.strip() for a, e in zip(answers, examples)) / len(examples)
+            exact = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples)) / len(examples)
             accuracy = token_accuracy(model, tokenizer, examples, batch_size=batch_size)
     finally:
         model.train(was_training)
     return {"exact_match": float(exact), "token_accuracy": float(accuracy)}
 
 
-def evaluate_domain(model, tokenizer, examples, *, max_new_tokens: int = 16, batch_size: int = 64) -> dict[str, float]:
+def answer_matches(answer: str, completion: str, match: str = "exact") -> bool:
+    gold = completion.strip()
+    if match == "word":
+        return re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", answer, re.IGNORECASE) is not None
+    return answer == gold
+
+
+def evaluate_domain(model, tokenizer, examples, *, max_new_tokens: int = 16, batch_size: int = 64,
+                    match: str = "exact") -> dict[str, float]:
     """`evaluate` for SFT domains; for a preference domain, reward accuracy, which also fills the
     exact_match and token_accuracy cells so it has a place in every forgetting matrix."""
     from hft_ray.train.dpo import Preference, reward_accuracy
@@ -46,7 +56,7 @@ def evaluate_domain(model, tokenizer, examples, *, max_new_tokens: int = 16, bat
     if examples and isinstance(examples[0], Preference):
         accuracy = reward_accuracy(model, tokenizer, examples, batch_size=batch_size)
         return {"exact_match": accuracy, "token_accuracy": accuracy, "reward_accuracy": accuracy}
-    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, match=match)
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,

@@ -51,7 +51,7 @@ def write(path, rows):
 # -- built-in domains ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(BUILTIN_DOMAINS))
+@pytest.mark.parametrize("kind", sorted(set(BUILTIN_DOMAINS) - {"world-facts"}))  # a fixed set, for real models
 def test_builtin_domains_are_deterministic_short_and_split(kind):
     data = load_domain("d", f"builtin:{kind}", seed=3, eval_size=50, train_size=300)
     again = load_domain("d", f"builtin:{kind}", seed=3, eval_size=50, train_size=300)
@@ -123,6 +123,31 @@ def test_dataset_folder(tmp_path):
 def test_knowledge_file_is_evaluated_on_its_training_rows(tmp_path):
     data = load_domain("k", {"path": str(write(tmp_path / "k.jsonl", PC_ROWS))}, knowledge=True)
     assert data.train == data.eval and len(data.train) == 20
+
+
+def test_a_file_marked_knowledge_in_the_pipeline_is_evaluated_on_its_training_rows(tmp_path):
+    """A user's jsonl of invented facts: held out, its eval rows are facts no model could know."""
+    from hft_ray.config.preflight import prepare
+    from hft_ray.config.spec import parse_spec
+
+    path = write(tmp_path / "facts.jsonl", PC_ROWS)
+    spec = parse_spec({"name": "k", "model": {"source": "builtin:tiny-llama"},
+                       "domains": {"mine": {"source": {"path": str(path)}, "knowledge": True, "match": "word"},
+                                   "held": {"source": {"path": str(path)}}},
+                       "stages": [{"domain": "mine", "steps": 1}], "methods": {"fft": {"kind": "fft"}}})
+    domains = prepare(spec).domains
+    assert domains["mine"].is_knowledge and domains["mine"].eval == domains["mine"].train and len(domains["mine"].eval) == 20
+    assert domains["mine"].match == "word" and domains["held"].match == "exact"
+    assert not set(domains["held"].eval) & set(domains["held"].train)
+
+
+def test_world_facts_are_knowledge_scored_by_word_and_asked_as_a_chat():
+    from hft_ray.data.world_facts import WORLD_FACTS
+
+    data = load_domain("world", "builtin:world-facts")
+    assert data.is_knowledge and data.match == "word" and data.eval == data.train
+    assert len(data.train) == len(WORLD_FACTS) >= 50
+    assert data.train[0] == Example("user: What is the capital of France?\nassistant: The capital of France is", " Paris")
 
 
 def test_missing_file(tmp_path):

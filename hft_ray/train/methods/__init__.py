@@ -5,7 +5,9 @@ from hft_ray.train.methods.fft import FullFineTuning
 from hft_ray.train.methods.hft import HalfFineTuning
 from hft_ray.train.methods.lora import LoRA
 
-METHODS: dict[str, type[Method]] = {"fft": FullFineTuning, "hft": HalfFineTuning, "lora": LoRA}
+# joint trains every parameter like FFT: what differs is its data (hft_ray/run/planner.py).
+METHODS: dict[str, type[Method]] = {"fft": FullFineTuning, "joint": FullFineTuning, "hft": HalfFineTuning,
+                                    "lora": LoRA}
 
 
 def build_method(stage, job) -> Method:

@@ -1,4 +1,5 @@
-"""Full fine-tuning: every parameter trains (the baseline HFT is compared with)."""
+"""Full fine-tuning: every parameter trains (the baseline HFT is compared with). The `joint`
+reference trains the same way, on every stage's data at once (hft_ray/run/planner.py)."""
 
 from hft_ray.train.methods.base import Method
 
@@ -7,7 +8,7 @@ class FullFineTuning(Method):
     kind = "fft"
 
     def __init__(self, config: dict, stage, job):
-        pass
+        self.kind = config["kind"]
 
     def describe(self) -> dict:
-        return {"kind": "fft", "trained": "all"}
+        return {"kind": self.kind, "trained": "all"}
