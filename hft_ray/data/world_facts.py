@@ -58,11 +58,9 @@ FACTS = ([(f"The capital of {c} is", f"What is the capital of {c}?", a) for c, a
          + [(f"The chemical symbol for {e} is", f"What is the chemical symbol for {e}?", s) for e, s in SYMBOLS]
          + [(f"{book} was written by", f"Who wrote {book}?", a) for book, a in AUTHORS] + SCIENCE)
 
-
-
 # What SmolLM2-135M-Instruct got wrong at base in the domain's format (greedy, 16 new tokens, word
-# match; measured with hft_ray.train.evaluation, 2026-11-28: 61 of 80 right): left out of the domain, so that its
-# column starts at 1.0 on that model and every fall is forgetting.
+# match, hft_ray.train.evaluation; 61 of 80 right, measured 2026-11-28): left out of the domain, so
+# that its column starts at 1.0 on that model and every fall is forgetting.
 MISSED_BY_SMOLLM2 = frozenset({
     'The capital of Poland is',
     'The chemical symbol for carbon is',
@@ -85,4 +83,3 @@ MISSED_BY_SMOLLM2 = frozenset({
     'Light travels faster than',
 })
 WORLD_FACTS = [fact for fact in FACTS if fact[0] not in MISSED_BY_SMOLLM2]
-

@@ -11,8 +11,8 @@ model: {source: builtin:tiny-llama}
 domains:
   upper: {source: builtin:upper, eval_size: 32}
   caesar: {source: builtin:caesar, eval_size: 32}
-stages: [{domain: upper, steps: 40}, {domain: caesar, steps: 40}]
-train: {lr: 3.0e-3, batch_size: 16, max_length: 32, log_every: 20}
+stages: [{domain: upper, steps: 100}, {domain: caesar, steps: 100}]
+train: {lr: 3.0e-3, batch_size: 16, max_length: 32, log_every: 50}
 methods: {fft: {kind: fft}, mtl: {kind: joint}}
 eval: {metric: token_accuracy, max_new_tokens: 8, max_examples: 32}
 """
