@@ -1,6 +1,6 @@
 """The built-in suite stays in the fine-tuning regime (issue 15): `hft-ray run
 pipelines/quickstart.yaml` as shipped, and its matrices checked against the calibration targets
-of benchmarks/CALIBRATION.md. Slow (the whole quickstart, ~10 min on 2 cores): run with -m slow."""
+of benchmarks/CALIBRATION.md. Slow (the whole quickstart, ~5 min on 2 cores): run with -m slow."""
 
 import json
 from pathlib import Path
