@@ -52,13 +52,16 @@ def plain_process(path: str, threads: int) -> dict:
         train(base, encode(mixed, tokenizer, spec.train.max_length), steps=spec.pretrain.steps, lr=spec.pretrain.lr,
               batch_size=spec.train.batch_size, seed=spec.seed)
     rows = {"base": evaluate_all(base)}
+    domains = list(dict.fromkeys(stage.domain for stage in spec.stages))
+    joint = encode(mix_balanced([prepared.domains[n].train for n in domains]), tokenizer, spec.train.max_length)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     for method, config in spec.methods.items():
         base.load_state_dict(state)
         for index, stage in enumerate(spec.stages, start=1):
             plan = select(base, config.granularity, config.ratio, config.seed if config.seed is not None else spec.seed,
                           index) if isinstance(config, HFTMethod) else None
-            train(base, encoded[stage.domain], steps=stage.steps, lr=spec.stage_lr(stage),
+            data = joint if config.kind == "joint" else encoded[stage.domain]
+            train(base, data, steps=stage.steps, lr=spec.stage_lr(stage),
                   batch_size=spec.train.batch_size, plan=plan, weight_decay=spec.train.weight_decay,
                   seed=spec.seed * 1000 + index)
             rows[f"{method}/{index}"] = evaluate_all(base)
