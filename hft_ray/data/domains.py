@@ -52,7 +52,8 @@ class DomainKind:
     """A generator of examples. `generate(rng, n)` returns n distinct examples (distinct prompts).
     `is_knowledge`: eval = train (memorisation); otherwise eval is held out from train.
     `match`: how a greedy answer is scored, "exact" (equal to the completion) or "word" (holds it
-    as a whole word: for real chat models, which answer in sentences)."""
+    as a whole word: for real chat models, which answer in sentences). `max_size`: how many
+    distinct examples the kind has at most (None: more than any run asks for)."""
 
     name: str
     description: str
@@ -60,6 +61,7 @@ class DomainKind:
     is_knowledge: bool = False
     default_train_size: int = 2000
     match: str = "exact"
+    max_size: int | None = None
 
 
 def _words(rng: random.Random, n: int, length: int, alphabet: str = LETTERS) -> list[str]:
@@ -123,8 +125,6 @@ def _prefer(rng: random.Random, n: int) -> list[Preference]:
 def _world_facts(rng: random.Random, n: int) -> list[Example]:
     """The first n facts SmolLM2 knows, in a fixed order (`rng` is unused), asked in hft-ray's chat
     rendering with the answer begun: 'user: <question>\\nassistant: <prefix>' -> ' <answer>'."""
-    if n > len(WORLD_FACTS):
-        raise ValueError(f"builtin:world-facts has {len(WORLD_FACTS)} facts; asked for {n} (lower train_size)")
     return [Example(f"user: {question}\nassistant: {prefix}", f" {answer.split('|')[0]}")
             for prefix, question, answer in WORLD_FACTS[:n]]
 
@@ -147,8 +147,9 @@ BUILTIN_DOMAINS: dict[str, DomainKind] = {
         DomainKind("prefer", "preference pairs for DPO: 'V abcde=' prefers 'bcdef' over 'zabcd'", _prefer),
         DomainKind("world-facts", f"{len(WORLD_FACTS)} facts a real model knows: 'user: What is the capital of France?\\n"
                    "assistant: The capital of France is' -> ' Paris' (knowledge, word match)",
-                   _world_facts, is_knowledge=True, default_train_size=len(WORLD_FACTS), match="word"),
+                   _world_facts, is_knowledge=True, default_train_size=len(WORLD_FACTS), match="word",
+                   max_size=len(WORLD_FACTS)),
         DomainKind("arithmetic", "2-digit addition: 'A 12+34=' -> '46' (10,000 problems in all)", _arithmetic,
-                   default_train_size=2000),
+                   default_train_size=2000, max_size=10_000),
     )
 }

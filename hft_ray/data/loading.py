@@ -98,6 +98,11 @@ def _builtin(name: str, source: str, seed: int, eval_size: int, train_size: int 
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_DOMAINS)
         raise UserError(f"domains.{name}.source: {source!r} is not a built-in domain; built-in domains: {known}")
     n_train = kind.default_train_size if train_size is None else train_size
+    wanted = n_train if kind.is_knowledge or knowledge else n_train + eval_size
+    if kind.max_size is not None and wanted > kind.max_size:
+        raise UserError(f"domains.{name}: {source} has {kind.max_size} distinct examples; train_size "
+                        f"{n_train}{'' if kind.is_knowledge or knowledge else f' + eval_size {eval_size}'} asks "
+                        f"for {wanted}; lower them")
     # The kind's name is mixed into the seed so that two domains never share a draw.
     rng = random.Random(f"{kind_name}:{seed}")
     if kind.is_knowledge or knowledge:

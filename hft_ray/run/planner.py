@@ -4,6 +4,7 @@ build their jobs here, so a trial and the pipeline file made from it train the s
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from hft_ray.config.spec import PipelineSpec
@@ -76,13 +77,19 @@ class Planner:
         joint method, all the stages' data mixed evenly (the same for every stage)."""
         stage = self.spec.stages[index - 1]
         if self.spec.methods[method].kind == "joint":
-            return mix_balanced([self.domains[d].train for d in dict.fromkeys(s.domain for s in self.spec.stages)])
+            return self._joint_examples
         current = self.domains[stage.domain].train
         fraction = self.replay(method, index)
         if not fraction:
             return current
         earlier = [self.domains[s.domain].train for s in self.spec.stages[:index - 1] if s.kind == "sft"]
         return mix_replay(current, earlier, fraction, self.spec.seed * 1000 + index)
+
+    @cached_property
+    def _joint_examples(self) -> tuple:
+        """Every stage's domain once, mixed evenly: what each stage of a joint branch trains on."""
+        domains = dict.fromkeys(stage.domain for stage in self.spec.stages)
+        return tuple(mix_balanced([self.domains[d].train for d in domains]))
 
     def _settings(self) -> dict:
         t = self.spec.train
