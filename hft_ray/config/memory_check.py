@@ -3,7 +3,7 @@ before anything starts (exit 2), with the estimate and what would fit (hft_ray/c
 
 from __future__ import annotations
 
-from hft_ray.config.spec import PipelineSpec
+from hft_ray.config.spec import FFTMethod, PipelineSpec
 from hft_ray.core.memory import GiB, Setup, Shapes, adapter_params, estimate, trained_params, what_fits
 from hft_ray.core.selection import select
 
@@ -46,7 +46,7 @@ def check_memory(spec: PipelineSpec, model) -> list[str]:
     hft = trained_params(model, select(model, "category", 0.5, 0, 1).param_masks())
     branches = {f"methods.{name}": method for name, method in spec.methods.items()}
     if spec.pretrain:
-        branches["pretrain"] = type("FFT", (), {"kind": "fft"})()
+        branches["pretrain"] = FFTMethod(kind="fft")  # pretraining trains every parameter
     problems = []
     for key, method in branches.items():
         count = method_trained(model, method)
