@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hft_ray.errors import UserError
+from hft_ray.storage import Location
 
 RUN_ID_LINE = re.compile(r"MLflow parent run ([0-9a-f]{32})")
 RUN_ID_WAIT_S = 300  # without --wait: how long to wait for the job to name its MLflow run
@@ -91,7 +92,7 @@ def prepare_submission(kind: str, path: str, overrides: list[str], tracking_uri:
         pipeline_data, pipeline_dir, name, target = (loaded.pipeline_data, loaded.pipeline_path.parent,
                                                      loaded.spec.name, SPACE_FILE)
     output = pipeline_data.setdefault("output", {})
-    output["dir"] = storage_path or str(Path(output.get("dir", "hft_runs")).resolve())
+    output["dir"] = storage_path or str(Location(output.get("dir", "hft_runs")))  # a folder made absolute here
     if kind == "run":
         carried = write_pipeline_bundle(pipeline_data, pipeline_dir, bundle)
     else:

@@ -14,6 +14,7 @@ from hft_ray.train.models import load_config, resolve_source
 from hft_ray.core.roles import Geometry, assign_roles
 from hft_ray.config.memory_check import check_memory
 from hft_ray.config.spec import FileSource, PipelineSpec
+from hft_ray.storage import Location, check_writable
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _check_strategy(spec: PipelineSpec, model) -> list[str]:
 def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     """Validate what the schema cannot: the model, the data, the lengths."""
     spec = _resolve_paths(spec, Path(base_dir))
-    problems = _check_model(spec)
+    problems = _check_model(spec) + _check_storage(spec)
     domains = {}
     for name, domain in spec.domains.items():
         try:
@@ -97,6 +98,15 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     if problems:
         raise UserError(*problems)
     return Prepared(spec, domains)
+
+
+def _check_storage(spec: PipelineSpec) -> list[str]:
+    """An object store must take a write from here (bucket, credentials, endpoint)."""
+    try:
+        check_writable(Location(spec.output.dir), "output.dir")
+    except UserError as error:
+        return list(error.problems)
+    return []
 
 
 def _source_arg(source):

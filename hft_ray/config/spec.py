@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hft_ray.config.files import read_yaml
 from hft_ray.errors import UserError
+from hft_ray.storage import credentials_in
 from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 
 
@@ -140,14 +141,16 @@ class TrackingSpec(Strict):
 
 
 class OutputSpec(Strict):
-    dir: str = Field("hft_runs", description="checkpoints and Ray Train storage (a shared path on a cluster)")
+    dir: str = Field("hft_runs", description="checkpoints and Ray Train storage: a folder (on a cluster, one every "
+                     "node mounts) or an object-store URI such as s3://bucket/prefix (hft_ray/storage.py)")
 
     @field_validator("dir")
     @classmethod
-    def _a_path(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError("storage URIs (s3://, gs://, ...) are not supported yet; give a folder every node "
-                             "reaches, such as an NFS mount")
+    def _no_credentials(cls, value: str) -> str:
+        carried = credentials_in(value) if "://" in value else None
+        if carried:
+            raise ValueError(f"the URI carries credentials ({carried}), which would be written into MLflow and the "
+                             "manifest; remove them and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
         return value
 
 
@@ -213,7 +216,8 @@ def _format_error(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key; check its spelling against the pipeline schema (README)"
     given = error.get("input")
-    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    secret = isinstance(given, str) and "://" in given and credentials_in(given)
+    shown = "" if isinstance(given, (dict, list)) or given is None or secret else f" (got {given!r})"
     return f"{key}: {error['msg'].removeprefix('Value error, ')}{shown}"
 
 

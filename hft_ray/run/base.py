@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from hft_ray.config.spec import PipelineSpec
 from hft_ray.run.cluster import Capacity
@@ -18,18 +17,19 @@ from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.runner import RayRunner, RunFailure
 from hft_ray.run.scheduler import BranchFailed
+from hft_ray.storage import Location
 from hft_ray.train.checkpoints import write_checkpoint
 from hft_ray.train.events import StageTrained, StepsDone
 from hft_ray.train.models import load_model, load_tokenizer
 
 
-def initial_checkpoint(spec: PipelineSpec, folder: Path) -> str:
+def initial_checkpoint(spec: PipelineSpec, folder: Location) -> str:
     """The model as `model.source` gives it, written as a checkpoint: the base itself, or with a
     `pretrain` block what pretraining starts from."""
     trust = spec.model.trust_remote_code
     model = load_model(spec.model.source, seed=spec.seed, trust_remote_code=trust)
     tokenizer = load_tokenizer(spec.model.source, trust)
-    return str(write_checkpoint(folder / ("init" if spec.pretrain else "base"), model, tokenizer))
+    return write_checkpoint(folder / ("init" if spec.pretrain else "base"), model, tokenizer)
 
 
 def pretrain_threads(spec: PipelineSpec, have: Capacity) -> int:

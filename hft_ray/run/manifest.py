@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hft_ray.errors import UserError
+from hft_ray.storage import Location
 
 FILE = "manifest.json"
 
@@ -31,13 +31,16 @@ def spec_digest(spec_json: dict) -> str:
 
 @dataclass
 class Manifest:
-    folder: Path
+    folder: Location           # the run's folder or object-store prefix
     spec_sha256: str
     parent_run_id: str = ""
     attempt: int = 0
     base: dict = field(default_factory=dict)
     branches: dict[str, dict] = field(default_factory=dict)
     driver: dict = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
+
+    def __post_init__(self):
+        self.folder = Location(self.folder)
 
     def driver_alive(self) -> bool:
         """Whether the driver that wrote this manifest still runs (on this host)."""
@@ -60,20 +63,14 @@ class Manifest:
         return done
 
     def save(self) -> None:
-        """Write to a temporary file and rename it: a reader never sees half a manifest."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Whole or not at all (hft_ray/storage.py): a reader never sees half a manifest."""
         content = {"spec_sha256": self.spec_sha256, "parent_run_id": self.parent_run_id, "attempt": self.attempt,
                    "base": self.base, "branches": self.branches, "driver": self.driver}
-        handle, temporary = tempfile.mkstemp(prefix=f".{FILE}.", dir=self.folder)
-        with os.fdopen(handle, "w") as out:
-            json.dump(content, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.folder / FILE)
+        (self.folder / FILE).write_text(json.dumps(content, indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path) -> Manifest:
-        folder = Path(folder)
+    def load(cls, folder: str | Path | Location) -> Manifest:
+        folder = Location(folder)
         data = json.loads((folder / FILE).read_text())
         return cls(folder, data["spec_sha256"], data["parent_run_id"], data["attempt"], data["base"], data["branches"],
                    data["driver"])
@@ -98,7 +95,7 @@ def resumable(tracker, spec, run_id: str | None) -> Manifest:
         raise UserError(f"--resume {name}: not a run of pipeline {spec.name!r}")
     if status == "FINISHED":
         raise UserError(f"--resume {name}: that run FINISHED; nothing to resume")
-    folder = Path(run.data.tags.get("hft.output_dir", ""))
+    folder = Location(run.data.tags.get("hft.output_dir", ""))
     if not (folder / FILE).is_file():
         raise UserError(f"--resume {name}: its manifest {folder / FILE} is not there "
                         "(was output.dir moved or removed?)")

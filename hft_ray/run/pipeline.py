@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-
 from hft_ray.config.preflight import Prepared
 from hft_ray.run.base import initial_checkpoint, pretrain_threads
 from hft_ray.run.cluster import Capacity, branch_slots
@@ -27,6 +25,7 @@ from hft_ray.run.results import PipelineResult, record_results
 from hft_ray.run.runner import EvalSettings, RayRunner, Services
 from hft_ray.run.scheduler import Branch, Evaluate, Launch, Scheduler
 from hft_ray.run.tracking import Tracker
+from hft_ray.storage import Location
 
 
 class PipelineRun:
@@ -37,7 +36,7 @@ class PipelineRun:
         self.tracker, self.board, self.capacity = tracker, board, capacity
         if resume is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            folder = Path(self.spec.output.dir).resolve() / f"{self.spec.name}-{stamp}-{os.getpid()}"
+            folder = Location(self.spec.output.dir) / f"{self.spec.name}-{stamp}-{os.getpid()}"
             resume = Manifest(folder, spec_digest(self.spec.model_dump(mode="json")))
         else:
             resume.attempt += 1

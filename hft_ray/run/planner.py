@@ -10,12 +10,13 @@ from pathlib import Path
 from hft_ray.config.spec import PipelineSpec
 from hft_ray.data.loading import DomainData
 from hft_ray.data.mixing import mix_balanced, mix_replay
+from hft_ray.storage import Location
 from hft_ray.train.job import BranchJob, StageJob
 
 
 class Planner:
-    def __init__(self, spec: PipelineSpec, domains: dict[str, DomainData], folder: str | Path):
-        self.spec, self.domains, self.folder = spec, domains, Path(folder)
+    def __init__(self, spec: PipelineSpec, domains: dict[str, DomainData], folder: str | Path | Location):
+        self.spec, self.domains, self.folder = spec, domains, Location(folder)
 
     def branch(self, method: str, first: int, start: str, wait_for_start: bool = False,
                pretrain_threads: int = 1) -> BranchJob:
@@ -39,7 +40,7 @@ class Planner:
         return StageJob(0, "pretrain", examples, pretrain.steps, pretrain.lr, seed, str(self.base), threads=threads)
 
     @property
-    def base(self) -> Path:
+    def base(self) -> Location:
         return self.folder / "base"
 
     def stage(self, method: str, index: int) -> StageJob:
@@ -54,7 +55,7 @@ class Planner:
                         output=str(self.output(method, index)), method=config, loss=stage.kind, beta=stage.beta,
                         earlier=earlier)
 
-    def output(self, method: str, index: int) -> Path:
+    def output(self, method: str, index: int) -> Location:
         return self.folder / method / f"stage-{index}"
 
     def method_config(self, method: str) -> dict:

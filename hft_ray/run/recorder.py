@@ -4,8 +4,6 @@ again after a worker restart or a resumed driver finds its stage already done an
 
 from __future__ import annotations
 
-import shutil
-
 from hft_ray.config.spec import PipelineSpec
 from hft_ray.run.manifest import Manifest
 from hft_ray.run.planner import Planner
@@ -120,7 +118,7 @@ class Recorder:
         """The base model, pretrained in `event.branch`'s worker group (stage 0)."""
         self.manifest.base["checkpoint"] = event.checkpoint
         self.manifest.save()
-        shutil.rmtree(self.planner.folder / "init", ignore_errors=True)  # the untrained weights
+        (self.planner.folder / "init").remove()  # the untrained weights
         self.board.say(f"[hft-ray] pretrain done: loss {event.losses[-1]:.4f} in {event.train_s:.0f}s")
 
     def stage_evaluated(self, event: StageEvaluated) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from hft_ray.config.spec import PipelineSpec
 from hft_ray.core.metrics import ForgettingMatrix, summary
 from hft_ray.run.tracking import Tracker
+from hft_ray.storage import Location
 
 Row = dict[str, dict[str, float]]
 
@@ -35,7 +36,7 @@ def build_matrix(spec: PipelineSpec, rows: list[Row], metric: str) -> Forgetting
     return ForgettingMatrix.build(columns, stage_domains, [[row[c][metric] for c in columns] for row in rows])
 
 
-def record_results(spec: PipelineSpec, tracker: Tracker, parent_id: str, output_dir: Path,
+def record_results(spec: PipelineSpec, tracker: Tracker, parent_id: str, output_dir: Location,
                    rows: dict) -> PipelineResult:
     """`rows`: {"base": row 0, method: {stage: row}}. Logs `forgetting/<method>.{json,csv,png}`
     (and `.token_accuracy` beside the chosen metric), the comparison figure and the summaries."""

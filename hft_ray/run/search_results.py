@@ -21,6 +21,7 @@ from hft_ray.run.tracking import SearchTracker
 SUMMARY = ("objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta")
 RESULT_COLUMNS = ("trial_id", *SEARCHED, "status", "stages_done", *SUMMARY, "run_id")
 STATUS = {"FINISHED": "finished", "KILLED": "stopped_early"}
+BEST_PIPELINE = "best_pipeline.yaml"
 
 
 @dataclass
@@ -77,10 +78,10 @@ def search_results(loaded: LoadedSpace, tracker: SearchTracker, manifest: Manife
                                  "run_id": best["run_id"]}, "best_config.json")
     tracker.log_params(parent_id, {f"best.{k}": v for k, v in config.items()})
     tracker.log_metrics(parent_id, {"best.objective": best["objective"]})
-    path = folder / "best_pipeline.yaml"
-    path.write_text(best_pipeline_text(loaded.pipeline_data, loaded.pipeline_path, config))
-    tracker.log_file(parent_id, path)
-    return TuneResult(parent_id, str(folder), rows, best, str(path))
+    text = best_pipeline_text(loaded.pipeline_data, loaded.pipeline_path, config)
+    (folder / BEST_PIPELINE).write_text(text)
+    tracker.log_text(parent_id, text, BEST_PIPELINE)
+    return TuneResult(parent_id, str(folder), rows, best, str(folder / BEST_PIPELINE))
 
 
 def _csv(rows: list[dict]) -> str:

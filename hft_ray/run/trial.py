@@ -23,6 +23,7 @@ from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.results import build_matrix
 from hft_ray.run.runner import RayRunner, Services
 from hft_ray.run.scheduler import Branch, BranchFailed, Evaluate, Launch, Scheduler, StageEvaluated
+from hft_ray.storage import Location
 from hft_ray.train.events import StageStarted, StageTrained
 
 STATE_FILE = "trial.json"
@@ -84,7 +85,7 @@ class TrialReport:
 def run_trial(config: dict, context: TrialContext) -> None:
     spec = parse_spec(trial_pipeline(context.pipeline_data, config), "trial pipeline")
     trial_id = tune.get_context().get_trial_id()
-    planner = Planner(spec, context.domains, Path(context.folder) / trial_id)
+    planner = Planner(spec, context.domains, Location(context.folder) / trial_id)
     state = {"trained": {}, "rows": {}, "reported": 0}
     restored = tune.get_checkpoint()  # set when `hft-ray tune --resume` picks the trial up again
     if restored is not None:
@@ -94,7 +95,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
                     rows={int(i): r for i, r in state["rows"].items()})
     scheduler = Scheduler([branch], len(spec.stages), 1, context.base_checkpoint, context.base_row)
     t = spec.train
-    runner = RayRunner(context.services, trial_id, str(Path(context.folder) / "ray"),
+    runner = RayRunner(context.services, trial_id, str(Location(context.folder) / "ray"),
                        Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
     report = TrialReport(spec, context.base_row, context.objective, state)
     handlers = {StageStarted: report.stage_started, StageTrained: report.stage_trained,

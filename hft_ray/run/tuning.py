@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 from ray import tune
@@ -33,11 +32,12 @@ from hft_ray.run.cluster import Capacity
 from hft_ray.run.manifest import Manifest
 from hft_ray.run.planner import Planner
 from hft_ray.run.progress import Board
-from hft_ray.run.ray_worker import Scaling
+from hft_ray.run.ray_worker import Scaling, ray_storage
 from hft_ray.run.runner import EvalSettings, RayRunner, RunFailure, Services
 from hft_ray.run.scheduler import BaseEvaluated, Evaluate
 from hft_ray.run.search_results import TuneResult, search_results
 from hft_ray.run.tracking import SearchTracker
+from hft_ray.storage import Location
 from hft_ray.run.trial import TrialContext, run_trial
 from hft_ray.run.trial_logger import TrialLogger
 
@@ -78,8 +78,10 @@ def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | 
                         f"experiment {loaded.spec.experiment!r} ({tracker.tracking_uri}); start one without --resume")
     if run.info.status == "FINISHED":
         raise UserError(f"--resume {run.info.run_id}: that search FINISHED; nothing to resume")
-    folder = Path(run.data.tags.get("hft.output_dir", ""))
-    if not (folder / "manifest.json").is_file() or not tune.Tuner.can_restore(str(folder / "tune")):
+    folder = Location(run.data.tags.get("hft.output_dir", ""))
+    tune_folder = ray_storage(folder / "tune")
+    if not (folder / "manifest.json").is_file() or not tune.Tuner.can_restore(
+            tune_folder["storage_path"], storage_filesystem=tune_folder.get("storage_filesystem")):
         raise UserError(f"--resume {run.info.run_id}: its search state under {folder} is not there "
                         "(was output.dir moved or removed?)")
     manifest = Manifest.load(folder)
@@ -113,13 +115,13 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
     samples = num_samples or space.num_samples
     if resume is None:
         name = f"{spec.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        resume = Manifest(Path(spec.output.dir).resolve() / name, search_digest(loaded, samples))
+        resume = Manifest(Location(spec.output.dir) / name, search_digest(loaded, samples))
         resume.parent_run_id = tracker.start_search(
             spec.name, f"tune {loaded.pipeline_path.stem}",
             {"space": space.model_dump(mode="json", exclude={"set"}), "pipeline": str(loaded.pipeline_path),
              "num_samples": samples, **{f"set.{k}": v for k, v in flatten_set(space.set).items()}},
             {"space.yaml": loaded.text, "pipeline.yaml": yaml.safe_dump(loaded.pipeline_data, sort_keys=False)},
-            str(Path(spec.output.dir).resolve() / name))
+            str(resume.folder))
     else:
         resume.attempt += 1
         resume.take_over()
@@ -170,16 +172,18 @@ def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, boa
                            space.objective)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     path = manifest.folder / "tune"
+    storage = ray_storage(manifest.folder)  # Tune's storage: the search's folder or prefix
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see below
     if manifest.attempt:
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(space.space))
+        tuner = tune.Tuner.restore(ray_storage(path)["storage_path"], trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space(space.space),
+                                   storage_filesystem=storage.get("storage_filesystem"))
     else:
         logger = TrialLogger(tracker.tracking_uri, spec.experiment, manifest.parent_run_id, len(spec.stages), SEARCHED)
         # Keeping one checkpoint per trial makes Tune snapshot the search at every report, so a
         # resumed search goes on from each trial's last stage (not from its last timed snapshot).
         tuner = tune.Tuner(trainable, param_space=param_space(space.space), tune_config=_tune_config(loaded, samples),
-                           run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                           run_config=tune.RunConfig(name=path.name, **storage, verbose=0,
                                                      callbacks=[logger],
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     board.say(f"[hft-ray] tune: {space.space.model_dump(exclude_none=True)} x {samples} sample(s), "

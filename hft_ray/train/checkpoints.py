@@ -1,8 +1,9 @@
 """Stage checkpoints: safetensors weights + config + tokenizer (loadable with
 `from_pretrained`) + JSON side files (the selection plan, the training log).
 
-A checkpoint is written into a temporary sibling folder and renamed into place, so a folder
-with the final name is always whole."""
+A checkpoint is whole or absent: in a folder it is written into a temporary sibling and renamed
+into place; in an object store (hft_ray/storage.py) it is written here, then uploaded with its
+`config.json` last, and `is_whole` asks for that file."""
 
 from __future__ import annotations
 
@@ -14,15 +15,26 @@ from pathlib import Path
 
 import transformers
 
+from hft_ray.storage import Location
+
 # Per-shard progress bars on every load and save drown the pipeline's own progress lines.
 transformers.utils.logging.disable_progress_bar()
 
 
+MARKER = "config.json"  # written last: a checkpoint that has it is whole
+
+
 def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None,
-                     state_dict: dict | None = None) -> Path:
-    """Save atomically; `files` maps a JSON file name to its content; `state_dict`, the weights
-    if not the model's own (gathered from FSDP shards)."""
-    directory = Path(directory)
+                     state_dict: dict | None = None) -> str:
+    """Save whole or not at all; `files` maps a JSON file name to its content; `state_dict`, the
+    weights if not the model's own (gathered from FSDP shards). Returns where it went."""
+    location = Location(directory)
+    if location.remote:
+        with tempfile.TemporaryDirectory(prefix="hft-ray-checkpoint-") as staging:
+            save_into(staging, model, tokenizer, files, state_dict)
+            location.upload(Path(staging), last=MARKER)
+        return str(location)
+    directory = location.path
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -33,7 +45,7 @@ def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, o
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return directory
+    return str(directory)
 
 
 def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] | None = None,
@@ -48,15 +60,16 @@ def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] 
 
 
 def load_checkpoint(directory: str | Path):
-    """(model, tokenizer) from a checkpoint folder; weights only from safetensors."""
-    directory = str(directory)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    """(model, tokenizer) from a checkpoint folder (or object-store prefix, downloaded for the
+    load); weights only from safetensors."""
+    with Location(directory).local_copy() as folder:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer
 
 
 def read_json(directory: str | Path, name: str):
-    return json.loads((Path(directory) / name).read_text())
+    return json.loads((Location(directory) / name).read_text())
 
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -86,5 +99,5 @@ def read_optimizer(directory: str | Path) -> dict:
 
 
 def is_whole(directory: str | Path) -> bool:
-    """Whether a checkpoint folder exists under its final name (so it was written whole)."""
-    return (Path(directory) / "config.json").is_file()
+    """Whether a checkpoint was written whole there (its marker is there)."""
+    return (Location(directory) / MARKER).is_file()

@@ -1,6 +1,8 @@
 """Security defaults (shared/DESIGN.md): checkpoints load from safetensors only, never pickle.
 (Token auth and loopback-only servers: tests/test_cluster.py; trust_remote_code: test_spec.py.)"""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ class Payload:
 
 
 def test_a_checkpoint_with_pickled_weights_is_refused_without_unpickling(tmp_path):
-    folder = write_checkpoint(tmp_path / "ckpt", load_model("builtin:tiny-llama"), char_tokenizer())
+    folder = Path(write_checkpoint(tmp_path / "ckpt", load_model("builtin:tiny-llama"), char_tokenizer()))
     (folder / "model.safetensors").unlink()
     torch.save({"payload": Payload(str(tmp_path / "pwned"))}, folder / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
