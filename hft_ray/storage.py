@@ -188,11 +188,15 @@ def _one_line(error: Exception) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
+REFUSED = ("ACCESSDENIED", "INVALIDACCESSKEYID", "SIGNATUREDOESNOTMATCH", "EXPIREDTOKEN", "INVALIDTOKEN",
+           "INVALIDCLIENTTOKENID", "HTTP STATUS 403")
+
+
 def _advice(message: str) -> str:
-    if "NO_SUCH_BUCKET" in message or "does not exist" in message:
+    squeezed = message.upper().replace("_", "")
+    if "NOSUCHBUCKET" in squeezed:
         return "Create the bucket first, or name one that exists."
-    if any(word in message for word in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                        "INVALID_ACCESS_KEY", "403")):
+    if any(word in squeezed for word in REFUSED):
         return ("The store refused the credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and "
                 "AWS_SESSION_TOKEN if temporary) to a key allowed to write there.")
     return "Check the URI, AWS_ENDPOINT_URL (for an S3-compatible store) and the network."

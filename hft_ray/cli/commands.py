@@ -80,22 +80,23 @@ def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:
     return [] if args.storage_path is None else [f"{prefix}output.dir={json.dumps(args.storage_path)}"]
 
 
-def _fits(train, have) -> None:
-    """Exit 2, before anything starts, when a branch's worker group can never fit the cluster."""
+def _fits(spec, have) -> None:
+    """Exit 2, before anything starts, when a branch's worker group (or an evaluator) can never
+    fit the cluster."""
     from hft_ray.run.cluster import fit_problems
 
-    problems = fit_problems(train.workers, train.cpus_per_worker, train.use_gpu, have)
+    problems = fit_problems(spec.train, spec.eval.resources, have)
     if problems:
         raise UserError(*problems)
 
 
-def _start_ray(args: argparse.Namespace, train, trials_stop_early: bool = False):
+def _start_ray(args: argparse.Namespace, spec, trials_stop_early: bool = False):
     """Ray, joined or embedded; exit 2 if a branch can never fit it; returns its capacity."""
     from hft_ray.run.cluster import capacity, init_ray
 
     init_ray(args.address, args.verbose, trials_stop_early)
     have = capacity(args.address)
-    _fits(train, have)
+    _fits(spec, have)
     return have
 
 
@@ -116,11 +117,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     try:
         with _progress_board(args.json) as board:
             if not (args.address or os.environ.get("RAY_ADDRESS")):
-                _fits(spec.train, embedded_capacity())
+                _fits(spec, embedded_capacity())
             tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
             resume = resumable(tracker, prepared.spec, None if args.resume == "latest" else args.resume) \
                 if args.resume else None
-            have = _start_ray(args, spec.train)
+            have = _start_ray(args, spec)
             result = PipelineRun(prepared, text, tracker, board, have, resume).run()
     except RunFailure as error:
         print(f"hft-ray: run failed: {error}", file=sys.stderr)
@@ -153,11 +154,11 @@ def run_tune(args: argparse.Namespace) -> int:
     try:
         with _progress_board(args.json) as board:
             if not (args.address or os.environ.get("RAY_ADDRESS")):
-                _fits(loaded.spec.train, embedded_capacity())
+                _fits(loaded.spec, embedded_capacity())
             tracker = SearchTracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
             resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume,
                                       args.num_samples) if args.resume else None
-            have = _start_ray(args, loaded.spec.train, trials_stop_early=True)
+            have = _start_ray(args, loaded.spec, trials_stop_early=True)
             result = run_search(loaded, prepared, tracker, board, have, args.num_samples, resume)
     except RunFailure as error:
         print(f"hft-ray: tune failed: {error}", file=sys.stderr)

@@ -79,6 +79,9 @@ class TrainSpec(Strict):
     log_every: int = Field(25, gt=0, description="print the loss every N steps")
     checkpoint_every: int = Field(100, ge=0, description="resumable checkpoint every N steps (0: at the end only)")
     max_failures: int = Field(2, ge=0, description="restarts of a stage's worker group after a worker dies")
+    resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {}, description="custom Ray resources each worker needs, e.g. {trainer: 1} to train only on nodes started "
+                        "with `ray start --resources '{\"trainer\": 4}'`")
 
 
 class FFTMethod(Strict):
@@ -134,6 +137,8 @@ class EvalSpec(Strict):
     max_new_tokens: int = Field(16, gt=0)
     max_examples: int = Field(200, gt=0)
     batch_size: int = Field(64, gt=0)
+    resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {}, description="custom Ray resources each evaluator needs, e.g. {evaluator: 1}, to evaluate on chosen nodes")
 
 
 class TrackingSpec(Strict):

@@ -47,7 +47,7 @@ def base_checkpoint(spec: PipelineSpec, planner: Planner, runner: RayRunner, boa
     board.say(f"[hft-ray] pretrain on {', '.join(spec.pretrain.domains)}: {spec.pretrain.steps} steps")
     board.stage_started("pretrain", "pretrain", spec.pretrain.steps)
     runner.launch(planner.pretrain(start, threads), run_name("pretrain"),
-                  Scaling(t.workers, max(t.cpus_per_worker, threads), t.use_gpu, t.max_failures))
+                  Scaling.of(t, max(t.cpus_per_worker, threads)))
     for event in runner.events():
         if isinstance(event, StepsDone):
             board.steps_done("pretrain", "pretrain", event.step, event.steps, event.loss, event.steps_per_s)

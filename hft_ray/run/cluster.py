@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -16,6 +16,7 @@ class Capacity:
     gpus: float
     can_grow: bool             # an autoscaler may add nodes
     where: str                 # "this machine (embedded Ray)" or the address
+    custom: dict = field(default_factory=dict)  # custom resources, summed over the nodes
 
 
 def init_ray(address: str | None, verbose: bool = False, trials_stop_early: bool = False) -> None:
@@ -59,8 +60,10 @@ def embedded_capacity() -> Capacity:
 def capacity(address: str | None) -> Capacity:
     """What the cluster has now (Ray started), and whether it can grow."""
     resources = ray.cluster_resources()
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+              and not k.startswith(("node:", "accelerator_type:"))}
     return Capacity(resources.get("CPU", 0.0), resources.get("GPU", 0.0), _autoscaling(),
-                    address or os.environ.get("RAY_ADDRESS") or "this machine (embedded Ray)")
+                    address or os.environ.get("RAY_ADDRESS") or "this machine (embedded Ray)", custom)
 
 
 def _autoscaling() -> bool:
@@ -85,12 +88,22 @@ def branch_slots(workers: int, cpus_per_worker: float, use_gpu: bool, have: Capa
     return max(1, int(have.cpus // (workers * cpus_per_worker)))
 
 
-def fit_problems(workers: int, cpus_per_worker: float, use_gpu: bool, have: Capacity) -> list[str]:
-    """Why one branch can never start here (a fixed cluster that cannot hold its worker group)."""
+def fit_problems(train, eval_resources: dict[str, float], have: Capacity) -> list[str]:
+    """Why one branch (`train`, a TrainSpec), or an evaluator, can never start here: a fixed
+    cluster that cannot hold its worker group, or has no node with a custom resource it asks for."""
     if have.can_grow:
         return []
+    workers, cpus_per_worker, use_gpu = train.workers, train.cpus_per_worker, train.use_gpu
     needs = [("CPU", workers * cpus_per_worker, have.cpus)] + ([("GPU", workers, have.gpus)] if use_gpu else [])
-    return [f"train.workers: {workers} worker(s) x {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} need "
-            f"{need:g} {kind}s per branch; {have.where} has {got:g} and cannot grow (no autoscaler); lower "
-            f"train.workers or train.cpus_per_worker, or --address a larger cluster"
-            for kind, need, got in needs if need > got]
+    problems = [f"train.workers: {workers} worker(s) x {cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''} need "
+                f"{need:g} {kind}s per branch; {have.where} has {got:g} and cannot grow (no autoscaler); lower "
+                f"train.workers or train.cpus_per_worker, or --address a larger cluster"
+                for kind, need, got in needs if need > got]
+    asked = [("train.resources_per_worker", name, amount * workers) for name, amount in train.resources_per_worker.items()]
+    asked += [("eval.resources", name, amount) for name, amount in eval_resources.items()]
+    for key, name, need in asked:
+        if have.custom.get(name, 0.0) < need:
+            problems.append(f"{key}.{name}: needs {need:g} of resource {name!r}; {have.where} has "
+                            f"{have.custom.get(name, 0.0):g} and cannot grow; start nodes with "
+                            f"`ray start --resources '{{\"{name}\": N}}'` or remove the key")
+    return problems

@@ -55,11 +55,9 @@ class PipelineRun:
         # Evaluators warm up (import torch) while this driver sets up; one per two branches at once
         # keeps up with them (an evaluation takes a fraction of a stage).
         services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},
-                                  EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, t.use_gpu,
-                                               {n: d.match for n, d in self.domains.items()}),
-                                  max(1, self.slots // 2))
+                                  EvalSettings.of(spec, self.domains), max(1, self.slots // 2))
         runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
-                           Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
+                           Scaling.of(t))
         recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"))
         try:
             scheduler = self._start(runner, recorder)

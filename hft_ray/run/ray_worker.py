@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -29,9 +29,16 @@ class Scaling:
     cpus_per_worker: float
     use_gpu: bool
     max_failures: int
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per worker
+
+    @classmethod
+    def of(cls, train, cpus_per_worker: float | None = None) -> Scaling:
+        """A branch's worker group as the pipeline's `train` block asks (a TrainSpec)."""
+        return cls(train.workers, cpus_per_worker or train.cpus_per_worker, train.use_gpu, train.max_failures,
+                   dict(train.resources_per_worker))
 
     def per_worker(self) -> dict[str, float]:
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}), **self.resources}
 
 
 class RayChannel:
@@ -59,6 +66,8 @@ class RayChannel:
 
     def notify(self, event: object) -> None:
         if self.rank == 0:
+            if isinstance(event, StageTrained):  # the node it trained on, for the stage's MLflow run
+                event = replace(event, node=ray.get_runtime_context().get_node_id())
             sent = self.events.put.remote(self.key, event)
             if isinstance(event, StageTrained):
                 ray.get(sent)  # delivered before the branch can end

@@ -109,6 +109,7 @@ class Recorder:
         if run_id in self.system:
             self.system.pop(run_id).stop()
         self.tracker.log_training(run_id, event.losses, event.train_s, event.step_s)
+        self.tracker.tag_node(run_id, "train", event.node)
         entry["checkpoint"] = event.checkpoint
         self.manifest.save()
         self.board.say(f"[hft-ray] {self._label(event.branch, event.stage).split(' (')[0]} done: loss "
@@ -127,6 +128,7 @@ class Recorder:
         self.tracker.log_metrics(entry["run_id"], {
             **{f"eval/{d}": s[metric] for d, s in event.row.items()},
             **{f"eval_all/{d}/{m}": v for d, s in event.row.items() for m, v in s.items()}})
+        self.tracker.tag_node(entry["run_id"], "eval", event.node)
         self.tracker.finish(entry["run_id"])
         self.open_runs.discard(entry["run_id"])
         entry["row"] = event.row

@@ -57,6 +57,13 @@ class EvalSettings:
     batch_size: int
     use_gpu: bool
     matches: dict[str, str] = field(default_factory=dict)  # domain -> "word" where not "exact"
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per evaluator
+
+    @classmethod
+    def of(cls, spec, domains: dict) -> EvalSettings:
+        """As the pipeline (a PipelineSpec) and its prepared domains ask."""
+        return cls(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu,
+                   {n: d.match for n, d in domains.items()}, dict(spec.eval.resources))
 
 
 def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Preference]],
@@ -76,6 +83,11 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Pre
             for name, examples in eval_sets.items()}
 
 
+def evaluate_here(checkpoint: str, eval_sets: dict, settings: EvalSettings) -> tuple[dict, str]:
+    """The checkpoint's row, and the Ray node that evaluated it."""
+    return evaluate_checkpoint(checkpoint, eval_sets, settings), ray.get_runtime_context().get_node_id()
+
+
 class Evaluator:
     """Evaluates checkpoints one after another in a process that stays warm (torch and
     transformers imported once)."""
@@ -86,8 +98,8 @@ class Evaluator:
         torch.set_num_threads(1)
         self.eval_sets, self.settings = eval_sets, settings
 
-    def evaluate(self, checkpoint: str) -> dict[str, dict[str, float]]:
-        return evaluate_checkpoint(checkpoint, self.eval_sets, self.settings)
+    def evaluate(self, checkpoint: str) -> tuple[dict, str]:
+        return evaluate_here(checkpoint, self.eval_sets, self.settings)
 
 
 @dataclass
@@ -105,7 +117,8 @@ class Services:
     @classmethod
     def start(cls, eval_sets: dict, settings: EvalSettings, count: int) -> Services:
         evaluators = [] if settings.use_gpu else [
-            ray.remote(num_cpus=0)(Evaluator).remote(eval_sets, settings) for _ in range(count)]
+            ray.remote(num_cpus=0, resources=settings.resources)(Evaluator).remote(eval_sets, settings)
+            for _ in range(count)]
         return cls(EventBox.remote(), evaluators, ray.put(eval_sets), settings)
 
     def close(self) -> None:
@@ -134,7 +147,7 @@ class RayRunner:
         """On the evaluator with the fewest of this runner's evaluations queued (GPUs: a task)."""
         s = self.services
         if not s.evaluators:
-            task = ray.remote(num_cpus=0, num_gpus=1)(evaluate_checkpoint)
+            task = ray.remote(num_cpus=0, num_gpus=1, resources=s.settings.resources)(evaluate_here)
             self.evaluations[task.remote(action.checkpoint, s.eval_sets, s.settings)] = (action, None)
             return
         count = len(s.evaluators)
@@ -163,8 +176,10 @@ class RayRunner:
         if which is not None:
             self.queued[which] -= 1
         try:
-            row = ray.get(ref)
+            row, node = ray.get(ref)
         except ray.exceptions.RayError as error:
             what = "base evaluation" if action.branch is None else f"{action.branch} stage {action.stage} evaluation"
             raise RunFailure(f"{what} failed: {innermost_message(error)}") from None
-        return BaseEvaluated(row) if action.branch is None else StageEvaluated(action.branch, action.stage, row)
+        if action.branch is None:
+            return BaseEvaluated(row, node)
+        return StageEvaluated(action.branch, action.stage, row, node)

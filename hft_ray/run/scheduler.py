@@ -25,6 +25,7 @@ Row = dict[str, dict[str, float]]  # domain -> metric -> score
 @dataclass(frozen=True)
 class BaseEvaluated:
     row: Row
+    node: str = ""             # the Ray node that evaluated it
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class StageEvaluated:
     branch: str
     stage: int
     row: Row
+    node: str = ""             # the Ray node that evaluated it
 
 
 @dataclass(frozen=True)

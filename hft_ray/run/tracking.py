@@ -104,6 +104,11 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
+    def tag_node(self, run_id: str, work: str, node: str) -> None:
+        """`hft.<work>_node`: the Ray node id that trained or evaluated the stage (when known)."""
+        if node:
+            self.client.set_tag(run_id, f"hft.{work}_node", node)
+
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
 

@@ -96,7 +96,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     scheduler = Scheduler([branch], len(spec.stages), 1, context.base_checkpoint, context.base_row)
     t = spec.train
     runner = RayRunner(context.services, trial_id, str(Location(context.folder) / "ray"),
-                       Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
+                       Scaling.of(t))
     report = TrialReport(spec, context.base_row, context.objective, state)
     handlers = {StageStarted: report.stage_started, StageTrained: report.stage_trained,
                 StageEvaluated: report.evaluated}

@@ -130,9 +130,7 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
     board.say(f"[hft-ray] MLflow parent run {resume.parent_run_id} in experiment {spec.experiment!r} "
               f"({tracker.tracking_uri})")
     services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()},
-                              EvalSettings(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu,
-                                           {n: d.match for n, d in prepared.domains.items()}),
-                              space.max_concurrent)
+                              EvalSettings.of(spec, prepared.domains), space.max_concurrent)
     try:
         result = _search(loaded, prepared, tracker, board, capacity, resume, services, samples)
     except BaseException as error:
@@ -149,7 +147,7 @@ def _base(prepared: Prepared, manifest: Manifest, services: Services, board: Boa
     spec, base = prepared.spec, manifest.base
     t = spec.train
     runner = RayRunner(services, f"{manifest.folder.name}-base", str(manifest.folder / "ray"),
-                       Scaling(t.workers, t.cpus_per_worker, t.use_gpu, t.max_failures))
+                       Scaling.of(t))
     if not base.get("checkpoint"):
         planner = Planner(spec, prepared.domains, manifest.folder)
         base["checkpoint"] = base_checkpoint(spec, planner, runner, board, have,

@@ -49,6 +49,7 @@ class StageTrained:
     step_s: float              # the median step
     trainable: int
     total: int
+    node: str = ""             # where rank 0 ran: the Ray node id, under Ray
 
 
 WORKER_EVENTS = (StageStarted, StageResumed, StepsDone, StageTrained)

@@ -10,94 +10,32 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import HFT_RAY, client_env, free_port, start_head, stop_group
 
 from hft_ray.cli.submit import job_exit_code
 
 ARTIFACTS = Path(os.environ.get("HFT_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
-HFT_RAY = [sys.executable, "-m", "hft_ray"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what} exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:  # it answers (401 without the token)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{what} did not answer on {url} within {timeout}s")
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Kill the process group `process` leads (started with start_new_session)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """A one-node Ray cluster on loopback with token authentication on."""
     temp = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               # Ray otherwise registers the node under this machine's network address.
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    dashboard = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--temp-dir", str(temp),
-               "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
-               "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats",
-               *[str(x) for pair in ports.items() for x in pair]]
-    log = (temp / "head.log").open("w")
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    head, info = start_head(temp, secrets.token_hex(16), cpus=2)
     try:
-        try:
-            wait_for(f"{address}/api/version", head, 180, "ray start --head")
-        except AssertionError as error:
-            raise AssertionError(f"{error}; its log ends:\n{(temp / 'head.log').read_text()[-3000:]}") from None
-        yield {"address": address, "token": token, "temp": temp}
+        yield info
     finally:
         stop_group(head)
-        log.close()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def client_env(token: str) -> dict:
-    """The submitting user's environment: the token only (no RAY_AUTH_MODE: hft-ray sends it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_TOKEN"] = token
-    return env
 
 
 def jobs(head):
