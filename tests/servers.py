@@ -113,11 +113,12 @@ def start_s3(folder: Path) -> tuple[subprocess.Popen, S3]:
 
 # -- Ray nodes ---------------------------------------------------------------------------------------
 
-def ray_env(token: str, extra: dict | None = None) -> dict:
+def ray_env(token: str, extra: dict | None = None, nodes: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               # Ray otherwise registers the node under this machine's network address.
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {}))
+    # A one-node cluster ("0") registers under 127.0.0.1 rather than this machine's network
+    # address; a cluster that other nodes join needs "1" (nodes then name 127.0.0.1 themselves).
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=str(int(nodes > 1)),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {}))
     return env
 
 
@@ -129,16 +130,18 @@ def node_ports() -> list[str]:
     return [str(x) for pair in ports.items() for x in pair]
 
 
-def start_head(temp: Path, token: str, cpus: int, resources: dict | None = None,
-               env: dict | None = None) -> tuple[subprocess.Popen, dict]:
-    """`ray start --head` on loopback with token authentication; (process, {address, gcs, token})."""
+def start_head(temp: Path, token: str, cpus: int, resources: dict | None = None, env: dict | None = None,
+               nodes: int = 1) -> tuple[subprocess.Popen, dict]:
+    """`ray start --head` on loopback with token authentication, for a cluster of `nodes` nodes
+    on this machine; (process, {address, gcs, token, temp})."""
     dashboard, gcs = free_port(), free_port()
     command = [str(BIN / "ray"), "start", "--head", "--block", "--temp-dir", str(temp), "--port", str(gcs),
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--dashboard-port", str(dashboard),
                "--ray-client-server-port", str(free_port()), "--num-cpus", str(cpus),
                "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats", *node_ports(),
-               *(["--resources", json.dumps(resources)] if resources else [])]
-    head = start(command, ray_env(token, env), temp / "head.log")
+               *(["--resources", json.dumps(resources)] if resources else []),
+               *(["--node-ip-address", "127.0.0.1"] if nodes > 1 else [])]
+    head = start(command, ray_env(token, env, nodes), temp / "head.log")
     address = f"http://127.0.0.1:{dashboard}"
     wait_for(f"{address}/api/version", head, 180, "ray start --head", temp / "head.log")
     return head, {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "temp": temp}
@@ -149,8 +152,8 @@ def start_worker_node(head: dict, cpus: int, resources: dict | None = None,
     """A second node joining `head` (`ray start --address`), on this machine."""
     command = [str(BIN / "ray"), "start", "--address", head["gcs"], "--block", "--num-cpus", str(cpus),
                "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats", *node_ports(),
-               *(["--resources", json.dumps(resources)] if resources else [])]
-    return start(command, ray_env(head["token"], env), head["temp"] / "worker.log")
+               "--node-ip-address", "127.0.0.1", *(["--resources", json.dumps(resources)] if resources else [])]
+    return start(command, ray_env(head["token"], env, nodes=2), head["temp"] / "worker.log")
 
 
 def ray_nodes(head: dict) -> list[dict]:

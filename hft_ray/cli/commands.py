@@ -195,7 +195,7 @@ def run_ui(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: give a port in 1..65535")
-    return serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port)
+    return serve(resolve_tracking_uri(args.tracking_uri), args.host, args.port, args.artifacts_destination)
 
 
 def run_report(args: argparse.Namespace) -> int:

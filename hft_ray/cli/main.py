@@ -102,6 +102,9 @@ def _add_ui_and_report(sub) -> None:
     ui.add_argument("--tracking-uri", help="the store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000, help="default: 5000")
     ui.add_argument("--host", default="127.0.0.1", help="the interface to bind (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--artifacts-destination", metavar="URI",
+                    help="where runs logged through this server keep their artifacts, e.g. s3://bucket/mlflow beside "
+                         "the checkpoints (default: mlartifacts/ beside a sqlite store)")
     ui.set_defaults(handler=commands.run_ui)
 
     report = sub.add_parser("report", help="print the matrices and summary of a pipeline run from MLflow")
