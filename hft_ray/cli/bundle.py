@@ -50,7 +50,7 @@ def carry_pipeline_inputs(data: dict, base_dir: Path, bundle: Path) -> list[str]
         source = domain.get("source") if isinstance(domain, dict) else None
         if not isinstance(source, dict):
             continue
-        key = "path" if "path" in source else "dataset"
+        key = next((k for k in ("path", "include_path", "dataset") if k in source), "dataset")
         value = source.get(key)
         if isinstance(value, str) and (local := _local(value, base_dir)):
             source[key] = _carry(local, bundle, f"{name}-{local.name}")

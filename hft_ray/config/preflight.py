@@ -1,9 +1,10 @@
 """Everything checked before anything starts: the model resolves and has a role map, every
-domain loads, every prompt fits `train.max_length`. All problems are reported together."""
+domain loads, every prompt fits `train.max_length`, every lm-evaluation-harness column's task
+loads offline, the storage takes a write. All problems are reported together."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hft_ray.data.encoding import encode
@@ -13,14 +14,16 @@ from hft_ray.errors import UserError
 from hft_ray.train.models import load_config, resolve_source
 from hft_ray.core.roles import Geometry, assign_roles
 from hft_ray.config.memory_check import check_memory
-from hft_ray.config.spec import FileSource, PipelineSpec
+from hft_ray.config.spec import FileSource, HarnessSource, PipelineSpec
+from hft_ray.train.harness import HarnessColumn, check_columns
 from hft_ray.storage import Location, check_writable
 
 
 @dataclass(frozen=True)
 class Prepared:
     spec: PipelineSpec
-    domains: dict[str, DomainData]
+    domains: dict[str, DomainData]  # the domains with examples (trained, or scored by hft-ray)
+    harness: dict[str, HarnessColumn] = field(default_factory=dict)  # the lm-evaluation-harness columns
 
 
 def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
@@ -30,6 +33,8 @@ def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
         source = domain.source
         if isinstance(source, FileSource) and not Path(source.path).is_absolute():
             source = FileSource(path=str((base_dir / source.path).resolve()))
+        if isinstance(source, HarnessSource) and source.include_path and not Path(source.include_path).is_absolute():
+            source = source.model_copy(update={"include_path": str((base_dir / source.include_path).resolve())})
         domains[name] = domain.model_copy(update={"source": source})
     return spec.model_copy(update={"domains": domains})
 
@@ -85,8 +90,14 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     """Validate what the schema cannot: the model, the data, the lengths."""
     spec = _resolve_paths(spec, Path(base_dir))
     problems = _check_model(spec) + _check_storage(spec)
+    harness = {name: HarnessColumn(d.source.harness, d.source.num_fewshot, d.source.limit, d.source.metric,
+                                   d.source.include_path)
+               for name, d in spec.domains.items() if isinstance(d.source, HarnessSource)}
+    problems += check_columns(harness)
     domains = {}
     for name, domain in spec.domains.items():
+        if name in harness:
+            continue
         try:
             domains[name] = load_domain(name, _source_arg(domain.source), format=domain.format, seed=spec.seed,
                                         eval_size=domain.eval_size, train_size=domain.train_size,
@@ -97,7 +108,7 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
         problems += _check_kinds(spec, domains) or _check_lengths(spec, domains)
     if problems:
         raise UserError(*problems)
-    return Prepared(spec, domains)
+    return Prepared(spec, domains, harness)
 
 
 def _check_storage(spec: PipelineSpec) -> list[str]:

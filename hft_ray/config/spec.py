@@ -40,8 +40,25 @@ class DatasetSource(Strict):
     config: str | None = None
 
 
+class HarnessSource(Strict):
+    """A column scored by lm-evaluation-harness (hft_ray/train/harness.py): evaluated, never trained."""
+
+    harness: str = Field(description="the task (or group) name, e.g. mmlu, arc_easy, or one of include_path's")
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(200, gt=0, description="the task's first N documents (null: all)")
+    metric: str = Field("acc", description="the task's metric that fills the column: acc, acc_norm, exact_match, ...")
+    include_path: str | None = Field(None, description="a folder of your own task YAML files (relative to the "
+                                                       "pipeline file)")
+
+
+def is_harness(domain: dict) -> bool:
+    """Whether a raw domain mapping names a harness column."""
+    return isinstance(domain, dict) and isinstance(domain.get("source"), dict) and "harness" in domain["source"]
+
+
 class DomainSpec(Strict):
-    source: str | FileSource | DatasetSource = Field(description="builtin:<kind>, {path: ...} or {dataset: ...}")
+    source: str | FileSource | DatasetSource | HarnessSource = Field(
+        description="builtin:<kind>, {path: ...}, {dataset: ...} or {harness: TASK, ...}")
     format: Literal["auto", "prompt_completion", "chat", "preference"] = "auto"
     eval_size: int = Field(200, gt=0, description="held-out examples (knowledge domains evaluate on what they train)")
     train_size: int | None = Field(None, gt=0)
@@ -198,6 +215,9 @@ def _cross_problems(data: dict) -> list[str]:
         if isinstance(stage, dict) and "domain" in stage and stage["domain"] not in domains:
             problems.append(f"stages.{index}.domain: {stage['domain']!r} is not a domain; "
                             f"domains: {', '.join(domains) or '(none)'}")
+        elif isinstance(stage, dict) and is_harness(domains.get(stage.get("domain"))):
+            problems.append(f"stages.{index}.domain: {stage['domain']!r} is an lm-evaluation-harness column, "
+                            "evaluated after every stage and never trained; train on another domain")
     methods = data.get("methods") if isinstance(data.get("methods"), dict) else {}
     dpo = [i for i, s in enumerate(data.get("stages") or []) if isinstance(s, dict) and s.get("kind") == "dpo"]
     for name, method in methods.items():
@@ -210,6 +230,9 @@ def _cross_problems(data: dict) -> list[str]:
             if name not in domains:
                 problems.append(f"pretrain.domains.{index}: {name!r} is not a domain; "
                                 f"domains: {', '.join(domains) or '(none)'}")
+            elif is_harness(domains[name]):
+                problems.append(f"pretrain.domains.{index}: {name!r} is an lm-evaluation-harness column, never "
+                                "trained; pretrain on another domain")
     return problems
 
 

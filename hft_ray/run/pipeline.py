@@ -32,7 +32,7 @@ class PipelineRun:
     def __init__(self, prepared: Prepared, pipeline_text: str, tracker: Tracker, board: Board,
                  capacity: Capacity, resume: Manifest | None = None):
         """A new run, or with `resume` the continuation of a run whose driver died."""
-        self.spec, self.domains, self.pipeline_text = prepared.spec, prepared.domains, pipeline_text
+        self.prepared, self.spec, self.domains, self.pipeline_text = prepared, prepared.spec, prepared.domains, pipeline_text
         self.tracker, self.board, self.capacity = tracker, board, capacity
         if resume is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -55,7 +55,7 @@ class PipelineRun:
         # Evaluators warm up (import torch) while this driver sets up; one per two branches at once
         # keeps up with them (an evaluation takes a fraction of a stage).
         services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},
-                                  EvalSettings.of(spec, self.domains), max(1, self.slots // 2))
+                                  EvalSettings.of(self.prepared), max(1, self.slots // 2))
         runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
                            Scaling.of(t))
         recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"))

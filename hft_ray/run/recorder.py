@@ -129,6 +129,8 @@ class Recorder:
             **{f"eval/{d}": s[metric] for d, s in event.row.items()},
             **{f"eval_all/{d}/{m}": v for d, s in event.row.items() for m, v in s.items()}})
         self.tracker.tag_node(entry["run_id"], "eval", event.node)
+        for name, report in event.reports.items():
+            self.tracker.log_json(entry["run_id"], report, f"harness/{name}.json")
         self.tracker.finish(entry["run_id"])
         self.open_runs.discard(entry["run_id"])
         entry["row"] = event.row
@@ -136,6 +138,8 @@ class Recorder:
         self.board.say(f"[hft-ray] {event.branch} after stage {event.stage}: {self._row_text(event.row)}")
 
     def base_evaluated(self, event: BaseEvaluated) -> None:
+        for name, report in event.reports.items():  # the parent run is open: events come after it starts
+            self.tracker.log_json(self.manifest.parent_run_id, report, f"harness/base/{name}.json")
         self.manifest.base["scores"] = event.row
         self.manifest.save()
         self.board.say(f"[hft-ray] base: {self._row_text(event.row)}")

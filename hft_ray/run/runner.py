@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import ray
 
+from hft_ray.config.preflight import Prepared
 from hft_ray.data.domains import Example, Preference
 from hft_ray.run.ray_worker import Scaling, fit_branch, innermost_message
 from hft_ray.run.scheduler import BaseEvaluated, BranchEnded, BranchFailed, Evaluate, StageEvaluated
+from hft_ray.train.harness import HarnessColumn
 from hft_ray.train.job import BranchJob
 
 
@@ -58,34 +60,50 @@ class EvalSettings:
     use_gpu: bool
     matches: dict[str, str] = field(default_factory=dict)  # domain -> "word" where not "exact"
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per evaluator
+    harness: dict[str, HarnessColumn] = field(default_factory=dict)  # columns lm-evaluation-harness scores
 
     @classmethod
-    def of(cls, spec, domains: dict) -> EvalSettings:
-        """As the pipeline (a PipelineSpec) and its prepared domains ask."""
+    def of(cls, prepared: Prepared) -> EvalSettings:
+        """As a prepared pipeline asks."""
+        spec = prepared.spec
         return cls(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu,
-                   {n: d.match for n, d in domains.items()}, dict(spec.eval.resources))
+                   {n: d.match for n, d in prepared.domains.items()}, dict(spec.eval.resources), prepared.harness)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    row: dict[str, dict[str, float]]   # domain -> metric -> score
+    node: str                          # the Ray node that evaluated it
+    reports: dict[str, dict]           # harness column -> lm-evaluation-harness's whole result
 
 
 def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Preference]],
-                        settings: EvalSettings) -> dict[str, dict[str, float]]:
-    """The checkpoint's row: its scores on every domain."""
+                        settings: EvalSettings) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+    """The checkpoint's row (its scores on every domain), and the harness's reports."""
     import torch
 
     from hft_ray.train.checkpoints import load_checkpoint
     from hft_ray.train.evaluation import evaluate_domain
+    from hft_ray.train.harness import evaluate_harness
 
     torch.manual_seed(0)
     model, tokenizer = load_checkpoint(checkpoint)
     if settings.use_gpu:
         model.to("cuda")
-    return {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=settings.max_new_tokens,
-                                  batch_size=settings.batch_size, match=settings.matches.get(name, "exact"))
-            for name, examples in eval_sets.items()}
+    row = {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=settings.max_new_tokens,
+                                 batch_size=settings.batch_size, match=settings.matches.get(name, "exact"))
+           for name, examples in eval_sets.items()}
+    reports = {}
+    for name, column in settings.harness.items():
+        score, reports[name] = evaluate_harness(model, tokenizer, column, settings.batch_size)
+        # Its one score fills every cell kind, as reward accuracy does for a preference domain.
+        row[name] = {"exact_match": score, "token_accuracy": score, column.metric: score}
+    return row, reports
 
 
-def evaluate_here(checkpoint: str, eval_sets: dict, settings: EvalSettings) -> tuple[dict, str]:
-    """The checkpoint's row, and the Ray node that evaluated it."""
-    return evaluate_checkpoint(checkpoint, eval_sets, settings), ray.get_runtime_context().get_node_id()
+def evaluate_here(checkpoint: str, eval_sets: dict, settings: EvalSettings) -> Evaluation:
+    row, reports = evaluate_checkpoint(checkpoint, eval_sets, settings)
+    return Evaluation(row, ray.get_runtime_context().get_node_id(), reports)
 
 
 class Evaluator:
@@ -98,7 +116,7 @@ class Evaluator:
         torch.set_num_threads(1)
         self.eval_sets, self.settings = eval_sets, settings
 
-    def evaluate(self, checkpoint: str) -> tuple[dict, str]:
+    def evaluate(self, checkpoint: str) -> Evaluation:
         return evaluate_here(checkpoint, self.eval_sets, self.settings)
 
 
@@ -176,10 +194,10 @@ class RayRunner:
         if which is not None:
             self.queued[which] -= 1
         try:
-            row, node = ray.get(ref)
+            done = ray.get(ref)
         except ray.exceptions.RayError as error:
             what = "base evaluation" if action.branch is None else f"{action.branch} stage {action.stage} evaluation"
             raise RunFailure(f"{what} failed: {innermost_message(error)}") from None
         if action.branch is None:
-            return BaseEvaluated(row, node)
-        return StageEvaluated(action.branch, action.stage, row, node)
+            return BaseEvaluated(done.row, done.node, done.reports)
+        return StageEvaluated(action.branch, action.stage, done.row, done.node, done.reports)

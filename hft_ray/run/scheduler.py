@@ -26,6 +26,7 @@ Row = dict[str, dict[str, float]]  # domain -> metric -> score
 class BaseEvaluated:
     row: Row
     node: str = ""             # the Ray node that evaluated it
+    reports: dict = field(default_factory=dict)  # lm-evaluation-harness's results, by column
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class StageEvaluated:
     stage: int
     row: Row
     node: str = ""             # the Ray node that evaluated it
+    reports: dict = field(default_factory=dict)  # lm-evaluation-harness's results, by column
 
 
 @dataclass(frozen=True)

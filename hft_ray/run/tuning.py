@@ -130,7 +130,7 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
     board.say(f"[hft-ray] MLflow parent run {resume.parent_run_id} in experiment {spec.experiment!r} "
               f"({tracker.tracking_uri})")
     services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()},
-                              EvalSettings.of(spec, prepared.domains), space.max_concurrent)
+                              EvalSettings.of(prepared), space.max_concurrent)
     try:
         result = _search(loaded, prepared, tracker, board, capacity, resume, services, samples)
     except BaseException as error:

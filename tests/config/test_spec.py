@@ -1,6 +1,7 @@
 """Pipeline files: every shipped one loads; bad ones exit 2 naming every problem, start nothing."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ PIPELINES = sorted((Path(__file__).parents[2] / "pipelines").glob("*.yaml"))
 def test_every_shipped_pipeline_validates_and_its_data_loads(path):
     spec, text = load_spec(path)
     prepared = prepare(spec, path.parent)
-    assert set(prepared.domains) == set(spec.domains)
+    assert set(prepared.domains) | set(prepared.harness) == set(spec.domains)
     assert all(prepared.domains[s.domain].train for s in spec.stages)
 
 
@@ -61,6 +62,13 @@ CASES = [
     ("model path missing", {"model": {"source": "./no/such/model"}}, ["model.source:", "no/such/model"]),
     ("unknown builtin model", {"model": {"source": "builtin:tiny-bloom"}}, ["model.source: 'builtin:tiny-bloom' is not a built-in model"]),
     ("pretrain unknown domain", {"pretrain": {"domains": ["zzz"], "steps": 3}}, ["pretrain.domains.0: 'zzz' is not a domain"]),
+    ("harness column trained", {"domains": {"a": {"source": "builtin:upper"}, "h": {"source": {"harness": "upper_mc"}}},
+                                "stages": [{"domain": "h", "steps": 5}], "pretrain": {"domains": ["h"], "steps": 3}},
+     ["stages.0.domain: 'h' is an lm-evaluation-harness column, evaluated after every stage and never trained",
+      "pretrain.domains.0: 'h' is an lm-evaluation-harness column"]),
+    ("harness misspelled task", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "b.jsonl"}},
+                                            "h": {"source": {"harness": "upper_mcq", "include_path": "tasks"}}}},
+     ["domains.h.source.harness: 'upper_mcq' is not an lm-evaluation-harness task; did you mean 'upper_mc'"]),
     ("max_length shorter than prompts", {"train": {"max_length": 3}}, ["max_length"]),
     ("bad name", {"name": "a b/c"}, ["name: String should match pattern"]),
     ("duplicate domain name", "domains:\n  a: {source: builtin:upper}\n  a: {source: builtin:caesar}\n",
@@ -117,6 +125,7 @@ CASES = [
 
 def _write(tmp_path, content):
     (tmp_path / "b.jsonl").write_text('{"prompt": "x=", "completion": "y"}\n' * 20)
+    shutil.copytree(Path(__file__).parents[1] / "data" / "harness", tmp_path / "tasks", dirs_exist_ok=True)
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "x=", "chosen": "y"}\n' * 20)
     (tmp_path / "nofields.jsonl").write_text('{"question": "x=", "answer": "y"}\n' * 20)
