@@ -49,15 +49,21 @@ def _task_folder(column: HarnessColumn) -> Path | None:
 
 @contextlib.contextmanager
 def _offline_in(folder: Path | None):
-    """The hub switched off, and the task file's folder as the current one."""
+    """The hub switched off, the task file's folder as the current one, and no progress bar for
+    the task's data (it reads a few hundred rows)."""
+    import datasets
+
     saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    here = os.getcwd()
+    here, bars = os.getcwd(), datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         if folder is not None:
             os.chdir(folder)
         yield
     finally:
+        if bars:
+            datasets.enable_progress_bars()
         os.chdir(here)
         for key, value in saved.items():
             if value is None:
