@@ -68,3 +68,28 @@ def test_every_problem_is_named_before_anything_is_written(project, tmp_path):
     assert any("train.lr" in p for p in error.value.problems)
     assert any("'missing' is not a domain" in p for p in error.value.problems)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_harness_columns_task_folder_is_carried_and_its_task_loads_from_the_bundle(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the harness extra: pip install 'hft-ray[harness]'")
+    import shutil
+
+    shutil.copytree(ROOT / "tests" / "data" / "harness", tmp_path / "tasks")
+    (tmp_path / "p.yaml").write_text("""\
+name: carry-harness
+model: {source: builtin:tiny-llama}
+domains:
+  upper: {source: builtin:upper, eval_size: 8}
+  upper_mc: {source: {harness: upper_mc, include_path: tasks}}
+stages: [{domain: upper, steps: 3}]
+methods: {hft: {kind: hft}}
+""")
+    monkeypatch.chdir(tmp_path)
+    bundle = tmp_path / "bundle"
+    submission = prepare_submission("run", "p.yaml", [], "sqlite:///mlflow.db", None, [], bundle)
+    assert submission.carried == ["tasks"]
+    written = yaml.safe_load((bundle / "pipeline.yaml").read_text())
+    assert written["domains"]["upper_mc"]["source"]["include_path"] == "carried/upper_mc-tasks"
+    shutil.rmtree(tmp_path / "tasks")  # the cluster has the bundle only
+    spec, _ = load_spec(bundle / "pipeline.yaml")
+    assert prepare(spec, bundle).harness["upper_mc"].include_path == str(bundle / "carried" / "upper_mc-tasks")

@@ -160,6 +160,18 @@ def mlflow_server(tmp_path_factory, s3):
         stop_group(ui)
 
 
+@pytest.mark.parametrize("destination,expected", [
+    ("s3://KEY:hunter2@bucket/mlflow", "--artifacts-destination: the URI carries credentials"),
+    ("s3://no-such-bucket/mlflow", "--artifacts-destination s3://no-such-bucket/mlflow: cannot write there"),
+], ids=["credentials-in-the-uri", "missing-bucket"])
+def test_ui_refuses_an_artifacts_destination_it_cannot_use(tmp_path, s3, destination, expected):
+    result = subprocess.run([*HFT_RAY, "ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--port", str(free_port()),
+                             "--artifacts-destination", destination], env={**os.environ, **s3.env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.fixture(scope="module")
 def two_nodes(s3):
     """A head with the `evaluator` resource and a second node with the `trainer` resource: a
