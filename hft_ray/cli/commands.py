@@ -170,7 +170,9 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"no trial finished every stage; see MLflow parent run {result.parent_run_id}")
         return 1
     print(f"\nbest: {json.dumps({k: v for k, v in result.best.items() if v != '' and k not in ('run_id', 'matrix')})}")
-    print(f"best pipeline file: {result.best_pipeline}  (hft-ray run {result.best_pipeline})")
+    how = ("also the parent run's artifact best_pipeline.yaml" if "://" in result.best_pipeline
+           else f"hft-ray run {result.best_pipeline}")
+    print(f"best pipeline file: {result.best_pipeline}  ({how})")
     print(f"MLflow parent run {result.parent_run_id} in experiment {loaded.spec.experiment!r} ({tracker.tracking_uri})")
     return 0
 
