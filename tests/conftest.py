@@ -46,3 +46,16 @@ def _run_pipeline(folder, pipeline_text: str, *args: str):
 @pytest.fixture(scope="session")
 def run_pipeline():
     return _run_pipeline
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3-compatible server (moto, IAM authentication on) with a bucket, for the session:
+    tests/servers.py. Each test module writes under prefixes of its own."""
+    from servers import start_s3, stop_group
+
+    server, store = start_s3(tmp_path_factory.mktemp("s3"))
+    try:
+        yield store
+    finally:
+        stop_group(server)

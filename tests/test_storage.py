@@ -2,29 +2,15 @@
 whole or not at all, checkpoints that load back bit for bit, local copies that go away, and a
 store that refuses a write named before anything starts."""
 
-import shutil
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
-from servers import start_s3, stop_group
 
 from hft_ray.errors import UserError
 from hft_ray.storage import Location, check_writable, credentials_in
 from hft_ray.train.checkpoints import is_whole, load_checkpoint, write_checkpoint
 from hft_ray.train.models import char_tokenizer, load_model
-
-
-@pytest.fixture(scope="module")
-def s3():
-    folder = Path(tempfile.mkdtemp(prefix="s3-"))
-    server, store = start_s3(folder)
-    try:
-        yield store
-    finally:
-        stop_group(server)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

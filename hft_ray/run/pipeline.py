@@ -23,7 +23,7 @@ from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.recorder import Recorder
 from hft_ray.run.results import PipelineResult, record_results
 from hft_ray.run.runner import EvalSettings, RayRunner, Services
-from hft_ray.run.scheduler import Branch, Evaluate, Launch, Scheduler
+from hft_ray.run.scheduler import Evaluate, Launch, Scheduler
 from hft_ray.run.tracking import Tracker
 from hft_ray.storage import Location
 

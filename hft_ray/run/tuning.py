@@ -18,14 +18,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import yaml
 from ray import tune
 
 from hft_ray.config.preflight import Prepared
 from hft_ray.config.space import SEARCHED, LoadedSpace, Sampler, Space, flatten_set
-from hft_ray.config.trial_pipeline import best_pipeline_text
 from hft_ray.errors import UserError
 from hft_ray.run.base import base_checkpoint
 from hft_ray.run.cluster import Capacity
@@ -33,7 +31,7 @@ from hft_ray.run.manifest import Manifest
 from hft_ray.run.planner import Planner
 from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling, ray_storage
-from hft_ray.run.runner import EvalSettings, RayRunner, RunFailure, Services
+from hft_ray.run.runner import EvalSettings, RayRunner, Services
 from hft_ray.run.scheduler import BaseEvaluated, Evaluate
 from hft_ray.run.search_results import TuneResult, search_results
 from hft_ray.run.tracking import SearchTracker

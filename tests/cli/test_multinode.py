@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import transformers
 from mlflow.tracking import MlflowClient
-from servers import HFT_RAY, client_env, free_port, ray_nodes, start_head, start_s3, start_worker_node, stop_group
+from servers import HFT_RAY, client_env, free_port, ray_nodes, start_head, start_worker_node, stop_group
 
 PIPELINE = """\
 name: beyond-one-node
@@ -39,17 +39,6 @@ train: {lr: 2.0e-3, batch_size: 32, max_length: 32, log_every: 5, checkpoint_eve
 methods: {hft: {kind: hft}}
 eval: {metric: token_accuracy, max_new_tokens: 8, max_examples: 16}
 """
-
-
-@pytest.fixture(scope="module")
-def s3():
-    folder = Path(tempfile.mkdtemp(prefix="s3-"))
-    server, store = start_s3(folder)
-    try:
-        yield store
-    finally:
-        stop_group(server)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
