@@ -165,9 +165,14 @@ class Location:
         fs, path = self.filesystem()
         self.remove()
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-        for file in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == last):
-            pyarrow.fs.copy_files(str(file), f"{path}/{file.relative_to(folder).as_posix()}",
-                                  source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        try:
+            for file in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == last):
+                pyarrow.fs.copy_files(str(file), f"{path}/{file.relative_to(folder).as_posix()}",
+                                      source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        except BaseException:
+            with contextlib.suppress(Exception):  # what went up is no checkpoint (no marker): leave none
+                self.remove()
+            raise
 
 
 def check_writable(location: Location, key: str) -> None:
