@@ -82,6 +82,15 @@ class Location:
             return pyarrow.fs.LocalFileSystem(), self._base
         return pyarrow.fs.FileSystem.from_uri(str(self))
 
+    def for_ray(self):
+        """(storage_path, storage_filesystem) as Ray Train's and Tune's RunConfig take them: a
+        folder as itself (no filesystem), an object store as its path in the pyarrow filesystem
+        hft-ray uses too."""
+        if not self.remote:
+            return str(self), None
+        filesystem, path = self.filesystem()
+        return path, filesystem
+
     def _info(self):
         fs, path = self.filesystem()
         return fs.get_file_info(path)

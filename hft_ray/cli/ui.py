@@ -46,8 +46,9 @@ def _artifacts_destination(uri: str) -> str:
     location = Location(uri)
     if not location.remote:
         return str(location)
-    if credentials_in(uri):
-        raise UserError(f"--artifacts-destination: the URI carries credentials ({credentials_in(uri)}); remove them "
+    carried = credentials_in(uri)
+    if carried:
+        raise UserError(f"--artifacts-destination: the URI carries credentials ({carried}); remove them "
                         "and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
     if uri.startswith("s3://"):
         try:

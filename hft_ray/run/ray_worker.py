@@ -83,13 +83,14 @@ def fit_branch(job: BranchJob, events, key: str, storage: str, run_name: str, sc
     its end, or its failure, goes into `events` after every event its workers sent. `run_name`
     must be new: reusing one resumes that old Ray Train run. `storage` (a folder or an object-store
     prefix) holds Ray Train's resumable checkpoints."""
+    path, filesystem = Location(storage).for_ray()
     try:
         TorchTrainer(
             branch_worker,
             train_loop_config={"job": job, "events": events, "key": key},
             scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                          resources_per_worker=scaling.per_worker()),
-            run_config=RunConfig(name=run_name, **ray_storage(Location(storage)),
+            run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
                                  failure_config=FailureConfig(max_failures=scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         ).fit()
@@ -97,15 +98,6 @@ def fit_branch(job: BranchJob, events, key: str, storage: str, run_name: str, sc
         ray.get(events.put.remote(key, BranchFailed(job.name, innermost_message(error))))
         return
     ray.get(events.put.remote(key, BranchEnded(job.name)))
-
-
-def ray_storage(location: Location) -> dict:
-    """Ray Train's (and Tune's) RunConfig arguments for `location`: an object store goes through
-    the same pyarrow filesystem hft-ray uses."""
-    if not location.remote:
-        return {"storage_path": str(location)}
-    filesystem, path = location.filesystem()
-    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def innermost_message(error: BaseException) -> str:

@@ -30,7 +30,7 @@ from hft_ray.run.cluster import Capacity
 from hft_ray.run.manifest import Manifest
 from hft_ray.run.planner import Planner
 from hft_ray.run.progress import Board
-from hft_ray.run.ray_worker import Scaling, ray_storage
+from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.runner import EvalSettings, RayRunner, Services
 from hft_ray.run.scheduler import BaseEvaluated, Evaluate
 from hft_ray.run.search_results import TuneResult, search_results
@@ -77,9 +77,7 @@ def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | 
     if run.info.status == "FINISHED":
         raise UserError(f"--resume {run.info.run_id}: that search FINISHED; nothing to resume")
     folder = Location(run.data.tags.get("hft.output_dir", ""))
-    tune_folder = ray_storage(folder / "tune")
-    if not (folder / "manifest.json").is_file() or not tune.Tuner.can_restore(
-            tune_folder["storage_path"], storage_filesystem=tune_folder.get("storage_filesystem")):
+    if not (folder / "manifest.json").is_file() or not tune.Tuner.can_restore(*(folder / "tune").for_ray()):
         raise UserError(f"--resume {run.info.run_id}: its search state under {folder} is not there "
                         "(was output.dir moved or removed?)")
     manifest = Manifest.load(folder)
@@ -168,18 +166,18 @@ def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, boa
                            space.objective)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     path = manifest.folder / "tune"
-    storage = ray_storage(manifest.folder)  # Tune's storage: the search's folder or prefix
+    storage, filesystem = manifest.folder.for_ray()  # Tune's storage: the search's folder or prefix
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # see below
     if manifest.attempt:
-        tuner = tune.Tuner.restore(ray_storage(path)["storage_path"], trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space(space.space),
-                                   storage_filesystem=storage.get("storage_filesystem"))
+        tuner = tune.Tuner.restore(path.for_ray()[0], trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(space.space), storage_filesystem=filesystem)
     else:
         logger = TrialLogger(tracker.tracking_uri, spec.experiment, manifest.parent_run_id, len(spec.stages), SEARCHED)
         # Keeping one checkpoint per trial makes Tune snapshot the search at every report, so a
         # resumed search goes on from each trial's last stage (not from its last timed snapshot).
         tuner = tune.Tuner(trainable, param_space=param_space(space.space), tune_config=_tune_config(loaded, samples),
-                           run_config=tune.RunConfig(name=path.name, **storage, verbose=0,
+                           run_config=tune.RunConfig(name=path.name, storage_path=storage,
+                                                     storage_filesystem=filesystem, verbose=0,
                                                      callbacks=[logger],
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     board.say(f"[hft-ray] tune: {space.space.model_dump(exclude_none=True)} x {samples} sample(s), "
