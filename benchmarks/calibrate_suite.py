@@ -28,15 +28,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from hft_ray.core.selection import select  # noqa: E402
 from hft_ray.data.encoding import encode  # noqa: E402
-
 from hft_ray.data.loading import load_domain
-
 from hft_ray.data.mixing import mix_balanced
 from hft_ray.train.evaluation import evaluate  # noqa: E402
-from hft_ray.train.models import char_tokenizer, load_model  # noqa: E402
-from hft_ray.core.selection import select  # noqa: E402
 from hft_ray.train.loop import train  # noqa: E402
+from hft_ray.train.models import char_tokenizer, load_model  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "calibrate_suite.json"
 
@@ -131,7 +129,7 @@ def pretrain(args, domains, tokenizer) -> tuple[dict, float]:
 def print_matrix(title: str, labels: list[str], rows: list[dict], metric: str) -> str:
     columns = list(rows[0])
     lines = [f"{title} ({metric})", "| after | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for label, row in zip(labels, rows):
+    for label, row in zip(labels, rows, strict=True):
         lines.append(f"| {label} | " + " | ".join(f"{row[c][metric]:.2f}" for c in columns) + " |")
     text = "\n".join(lines)
     print(text, flush=True)

@@ -26,17 +26,15 @@ from pathlib import Path
 import torch
 import transformers
 
-from hft_ray.data.encoding import encode
-
-from hft_ray.data.loading import load_domain
-from hft_ray.train.evaluation import evaluate, generate_answers
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.half_reset import half_reset
-from hft_ray.data.world_facts import FACTS
-from hft_ray.train.models import load_model, load_tokenizer
 from hft_ray.core.selection import select
-from hft_ray.data.encoding import batches
+from hft_ray.data.encoding import batches, encode
+from hft_ray.data.loading import load_domain
+from hft_ray.data.world_facts import FACTS
+from hft_ray.train.evaluation import evaluate, generate_answers
 from hft_ray.train.loop import make_optimizer, run_steps
+from hft_ray.train.models import load_model, load_tokenizer
 
 SOURCE = "builtin:smollm2-135m"
 OUT = Path(__file__).parent / "results" / "knowledge.json"  # committed: the README's figures come from it
@@ -57,7 +55,7 @@ def probe_hits(model, tokenizer, facts, max_new_tokens: int) -> list[bool]:
     with torch.no_grad():
         answers = generate_answers(model, tokenizer, [probe_prompt(tokenizer, f) for f in facts],
                                    max_new_tokens=max_new_tokens, batch_size=len(facts))
-    return [re.search(rf"\b({fact[2]})\b", answer, re.IGNORECASE) is not None for fact, answer in zip(facts, answers)]
+    return [re.search(rf"\b({fact[2]})\b", answer, re.IGNORECASE) is not None for fact, answer in zip(facts, answers, strict=True)]
 
 
 def measure(model, tokenizer, probes, domains, args) -> dict:
@@ -66,7 +64,7 @@ def measure(model, tokenizer, probes, domains, args) -> dict:
     hits = probe_hits(model, tokenizer, probes, args.probe_tokens)
     scores = {d.name: evaluate(model, tokenizer, d.eval, max_new_tokens=8) for d in domains}
     row = {"probe": sum(hits) / len(hits), "probe_right": sum(hits),
-           "probe_missed": [fact[0] for fact, hit in zip(probes, hits) if not hit], "domains": scores,
+           "probe_missed": [fact[0] for fact, hit in zip(probes, hits, strict=True) if not hit], "domains": scores,
            "eval_s": time.perf_counter() - start}
     print(f"    probe {row['probe']:.3f} ({sum(hits)}/{len(hits)}) | "
           + " | ".join(f"{n} em {s['exact_match']:.2f} tok {s['token_accuracy']:.2f}" for n, s in scores.items())
@@ -202,7 +200,7 @@ def main() -> None:
     print(f"loaded in {time.perf_counter() - started:.0f} s; threads {args.threads}", flush=True)
 
     base_hits = probe_hits(model, tokenizer, facts, args.probe_tokens)
-    probes = [f for f, hit in zip(facts, base_hits) if hit]
+    probes = [f for f, hit in zip(facts, base_hits, strict=True) if hit]
     print(f"base model answers {len(probes)}/{len(facts)} probe facts right; those are the probe set")
     base = measure(model, tokenizer, probes, domains, args)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from hft_ray.core.freezing import apply_plan
-from hft_ray.train.models import load_model
 from hft_ray.core.selection import GRANULARITIES, select
+from hft_ray.train.models import load_model
 
 # model -> (source, batch size, sequence length, warm-up rounds, timed rounds)
 MODELS = {
@@ -129,7 +129,7 @@ def bench_model(name: str, warmup: int | None, steps: int | None) -> dict:
     for row in rows:
         row["step_ratio"] = row["median_step_s"] / fft["median_step_s"]
         # Same-round ratios cancel noise that lasts longer than one round (another job starting).
-        row["paired_step_ratio"] = statistics.median(t / f for t, f in zip(row["step_times_s"], fft["step_times_s"]))
+        row["paired_step_ratio"] = statistics.median(t / f for t, f in zip(row["step_times_s"], fft["step_times_s"], strict=True))
         row["memory_ratio"] = (row["grad_bytes"] + row["optimizer_bytes"]) / (fft["grad_bytes"] + fft["optimizer_bytes"])
     return {"model": name, "source": source, "batch": [batch_size, seq_len], "warmup": warmup, "steps": steps, "rows": rows}
 

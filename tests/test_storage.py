@@ -55,8 +55,10 @@ def test_a_checkpoint_in_the_store_loads_back_bit_for_bit_and_leaves_no_local_co
     assert where == f"s3://{aws.bucket}/ckpt/base" and is_whole(where)
     assert {"ckpt/base/model.safetensors", "ckpt/base/config.json", "ckpt/base/plan.json"} <= set(aws.keys("ckpt/"))
     loaded, _ = load_checkpoint(where)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert list(got) == list(expected)  # every tensor, none missing or extra
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("hft-ray-")], "local copies are removed"
 
 

@@ -13,8 +13,8 @@ from hft_ray.errors import UserError
 
 
 def run_select(args: argparse.Namespace) -> int:
+    from hft_ray.core.selection import model_units, plan_units, validate_selection_args
     from hft_ray.train.models import meta_model
-    from hft_ray.core.selection import plan_units, model_units, validate_selection_args
 
     problems = validate_selection_args(args.granularity, args.ratio)
     try:
@@ -178,8 +178,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from hft_ray.config.files import read_yaml
     from hft_ray.cli.submit import submit
+    from hft_ray.config.files import read_yaml
     from hft_ray.run.tracking import resolve_tracking_uri
 
     data, _ = read_yaml(args.file, "pipeline or space")
@@ -192,8 +192,8 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    from hft_ray.run.tracking import resolve_tracking_uri
     from hft_ray.cli.ui import serve
+    from hft_ray.run.tracking import resolve_tracking_uri
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: give a port in 1..65535")

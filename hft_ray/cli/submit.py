@@ -75,10 +75,10 @@ def prepare_submission(kind: str, path: str, overrides: list[str], tracking_uri:
                        storage_path: str | None, extra_args: list[str], bundle: Path) -> Submission:
     """Validate the file as `hft-ray run|tune` would, then write the job's bundle."""
     from hft_ray.cli.bundle import PIPELINE_FILE, SPACE_FILE, write_pipeline_bundle, write_space_bundle
-    from hft_ray.config.preflight import prepare
     from hft_ray.config.files import read_yaml
-    from hft_ray.config.spec import load_spec
+    from hft_ray.config.preflight import prepare
     from hft_ray.config.space import load_space
+    from hft_ray.config.spec import load_spec
 
     if kind == "run":
         spec, _ = load_spec(path, overrides)

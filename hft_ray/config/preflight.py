@@ -7,16 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hft_ray.data.encoding import encode
-
-from hft_ray.data.loading import DomainData, load_domain
-from hft_ray.errors import UserError
-from hft_ray.train.models import load_config, resolve_source
-from hft_ray.core.roles import Geometry, assign_roles
 from hft_ray.config.memory_check import check_memory
 from hft_ray.config.spec import FileSource, HarnessSource, PipelineSpec
-from hft_ray.train.harness import HarnessColumn, check_columns
+from hft_ray.core.roles import Geometry, assign_roles
+from hft_ray.data.encoding import encode
+from hft_ray.data.loading import DomainData, load_domain
+from hft_ray.errors import UserError
 from hft_ray.storage import Location, check_writable
+from hft_ray.train.harness import HarnessColumn, check_columns
+from hft_ray.train.models import load_config, resolve_source
 
 
 @dataclass(frozen=True)

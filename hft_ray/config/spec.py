@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hft_ray.config.files import read_yaml
+from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 from hft_ray.errors import UserError
 from hft_ray.storage import credentials_in
-from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 
 
 class Strict(BaseModel):

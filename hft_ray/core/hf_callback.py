@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from hft_ray.errors import UserError
 from hft_ray.core.freezing import AppliedPlan, apply_plan
 from hft_ray.core.selection import SelectionPlan, select, validate_selection_args
+from hft_ray.errors import UserError
 
 
 class HFTCallback(TrainerCallback):

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from hft_ray.data.domains import Example, Preference
 from hft_ray.core.roles import Unit
+from hft_ray.data.domains import Example, Preference
 
 
 def as_sft_examples(examples: Sequence[Example | Preference]) -> list[Example]:

@@ -82,7 +82,7 @@ class ForgettingMatrix:
         try:
             scores = tuple(tuple(float(v) for v in row) for row in data["scores"])
         except (TypeError, ValueError) as e:
-            raise UserError(f"scores: {data['scores']!r} is not a list of lists of numbers ({e})")
+            raise UserError(f"scores: {data['scores']!r} is not a list of lists of numbers ({e})") from None
         return cls(
             columns=tuple(data["columns"]),
             rows=tuple(data["rows"]),
@@ -95,7 +95,7 @@ class ForgettingMatrix:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["row", *self.columns])
-        for label, row in zip(self.rows, self.scores):
+        for label, row in zip(self.rows, self.scores, strict=True):
             writer.writerow([label, *(repr(v) for v in row)])
         return out.getvalue()
 
@@ -180,7 +180,7 @@ def summary(matrix: ForgettingMatrix) -> dict[str, float]:
             ]
         ),
         "forgetting": _mean(
-            [max(at(l, j) for l in range(T)) - at(T, j) for j, i in last_stage.items() if i < T]
+            [max(at(row, j) for row in range(T)) - at(T, j) for j, i in last_stage.items() if i < T]
         ),
         "heldout_delta": _mean(
             [at(T, j) - at(0, j) for j in matrix.columns if j not in last_stage]

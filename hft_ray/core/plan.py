@@ -106,7 +106,7 @@ class SelectionPlan:
             if not units:
                 continue
             trained = [self.unit_trained_numel(u) for u in units]
-            by_matrices[name] = sum(t / u.numel for t, u in zip(trained, units)) / len(units)
+            by_matrices[name] = sum(t / u.numel for t, u in zip(trained, units, strict=True)) / len(units)
             by_params[name] = sum(trained) / sum(u.numel for u in units)
         return {"by_matrices": by_matrices, "by_params": by_params}
 
@@ -140,7 +140,7 @@ class SelectionPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "SelectionPlan":
+    def from_dict(cls, data: Mapping) -> SelectionPlan:
         units = tuple(
             Unit(
                 u["role"],

@@ -35,7 +35,7 @@ class Geometry:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config) -> "Geometry":
+    def from_config(cls, config) -> Geometry:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

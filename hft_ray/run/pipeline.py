@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+
 from hft_ray.config.preflight import Prepared
 from hft_ray.run.base import initial_checkpoint, pretrain_threads
 from hft_ray.run.cluster import Capacity, branch_slots

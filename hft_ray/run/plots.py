@@ -145,10 +145,10 @@ def objective_vs_ratio(rows: list[dict], path: str | Path, title: str) -> None:
         done = [(x, y) for x, y, s in points if s == "finished"]
         colour = f"C{i % 10}"
         if done:
-            ax.plot(*zip(*done), marker="o", color=colour, label=granularity)
+            ax.plot(*zip(*done, strict=True), marker="o", color=colour, label=granularity)
         early = [(x, y) for x, y, s in points if s != "finished"]
         if early:
-            ax.scatter(*zip(*early), facecolors="none", edgecolors=colour,
+            ax.scatter(*zip(*early, strict=True), facecolors="none", edgecolors=colour,
                        label=f"{granularity} (stopped early)")
     ax.set_xlabel("ratio (fraction trained per stage)")
     ax.set_ylabel("objective")

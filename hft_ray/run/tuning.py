@@ -35,9 +35,9 @@ from hft_ray.run.runner import EvalSettings, RayRunner, Services
 from hft_ray.run.scheduler import BaseEvaluated, Evaluate
 from hft_ray.run.search_results import TuneResult, search_results
 from hft_ray.run.tracking import SearchTracker
-from hft_ray.storage import Location
 from hft_ray.run.trial import TrialContext, run_trial
 from hft_ray.run.trial_logger import TrialLogger
+from hft_ray.storage import Location
 
 # A sliver of a CPU for the trial actor: it mostly waits on its branch's worker group, which holds
 # the CPUs (a trial holding a whole CPU starves its own Train workers on 2 CPUs). Not 0: Tune

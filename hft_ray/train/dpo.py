@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from hft_ray.data.domains import Example, Preference
-
 from hft_ray.data.encoding import IGNORE_INDEX, encode
 
 

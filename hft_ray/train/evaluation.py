@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 
 from hft_ray.data.domains import Example
-
 from hft_ray.data.encoding import IGNORE_INDEX, encode, eos_id, pad_id, prompt_ids
 
 METRICS = ("exact_match", "token_accuracy")
@@ -33,7 +32,7 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
         with torch.no_grad():
             answers = generate_answers(model, tokenizer, [e.prompt for e in examples],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-            exact = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples)) / len(examples)
+            exact = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples, strict=True)) / len(examples)
             accuracy = token_accuracy(model, tokenizer, examples, batch_size=batch_size)
     finally:
         model.train(was_training)

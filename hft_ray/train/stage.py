@@ -17,8 +17,8 @@ from hft_ray.data.encoding import batches
 from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
 from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
 from hft_ray.train.job import BranchJob, StageJob
-from hft_ray.train.losses import stage_data
 from hft_ray.train.loop import make_optimizer, run_steps
+from hft_ray.train.losses import stage_data
 from hft_ray.train.methods import build_method
 from hft_ray.train.precision import autocast
 from hft_ray.train.resumable import Progress, optimizer_bytes, read_state, write_progress, write_state

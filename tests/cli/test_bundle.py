@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hft_ray.errors import UserError
-from hft_ray.config.preflight import prepare
-from hft_ray.config.spec import load_spec
 from hft_ray.cli.submit import prepare_submission
+from hft_ray.config.preflight import prepare
 from hft_ray.config.space import load_space
+from hft_ray.config.spec import load_spec
+from hft_ray.errors import UserError
 
 ROOT = Path(__file__).parents[2]
 

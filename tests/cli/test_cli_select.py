@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hft_ray.core.freezing import apply_plan
-from hft_ray.train.models import SMOLLM2, load_model, smollm2_gguf_path
 from hft_ray.core.selection import SelectionPlan, select
+from hft_ray.train.models import SMOLLM2, load_model, smollm2_gguf_path
 
 
 def hft_ray(*args):

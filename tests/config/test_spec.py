@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from hft_ray.cli import main
-from hft_ray.errors import UserError
 from hft_ray.config.preflight import prepare
 from hft_ray.config.spec import load_spec
+from hft_ray.errors import UserError
 
 PIPELINES = sorted((Path(__file__).parents[2] / "pipelines").glob("*.yaml"))
 

@@ -5,9 +5,9 @@ import torch
 
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.half_reset import half_reset
+from hft_ray.core.selection import GRANULARITIES, select
 from hft_ray.train.models import load_model
 from hft_ray.train.precision import autocast, cast
-from hft_ray.core.selection import GRANULARITIES, select
 
 CASES = [("tiny-llama", g) for g in GRANULARITIES] + [
     (arch, g) for arch in ("tiny-gpt2", "tiny-gpt-neox", "tiny-phi3", "tiny-qwen2") for g in ("category", "element")
@@ -103,12 +103,11 @@ def test_half_reset_restores_exactly_the_selected_half(granularity):
 
 @pytest.mark.parametrize("granularity", ["category", "element"])
 def test_periodic_reselection_draws_a_new_plan_every_k_steps_and_keeps_each_periods_frozen_entries(granularity):
-    from hft_ray.data.encoding import encode
-    from hft_ray.data.loading import load_domain
     from hft_ray.core.freezing import PeriodicSelection
-    from hft_ray.train.models import char_tokenizer
-    from hft_ray.data.encoding import batches
+    from hft_ray.data.encoding import batches, encode
+    from hft_ray.data.loading import load_domain
     from hft_ray.train.loop import make_optimizer, run_steps
+    from hft_ray.train.models import char_tokenizer
 
     model = load_model("builtin:tiny-llama", seed=0)
     data = encode(load_domain("u", "builtin:upper", seed=0, eval_size=8, train_size=128).train, char_tokenizer(), 32)

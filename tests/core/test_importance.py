@@ -8,15 +8,14 @@ from collections import defaultdict
 import pytest
 import torch
 
-from hft_ray.data.encoding import encode
-from hft_ray.data.domains import BUILTIN_DOMAINS
-from hft_ray.errors import UserError
 from hft_ray.core.importance import unit_importance
-from hft_ray.train.models import load_model, load_tokenizer, meta_model
 from hft_ray.core.roles import role_group
 from hft_ray.core.selection import SelectionPlan, model_units, plan_units
-from hft_ray.data.encoding import batches
+from hft_ray.data.domains import BUILTIN_DOMAINS
+from hft_ray.data.encoding import batches, encode
+from hft_ray.errors import UserError
 from hft_ray.train.loop import train
+from hft_ray.train.models import load_model, load_tokenizer, meta_model
 
 
 def _encoded(kind: str, n: int, seed: int = 0, model: str = "builtin:tiny-llama"):
@@ -27,7 +26,7 @@ def _encoded(kind: str, n: int, seed: int = 0, model: str = "builtin:tiny-llama"
 def _squared_grads(model, batch) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(model(**batch).loss, list(params.values()), allow_unused=True)
-    return {name: (g if g is not None else torch.zeros_like(p)) ** 2 for (name, p), g in zip(params.items(), grads)}
+    return {name: (g if g is not None else torch.zeros_like(p)) ** 2 for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
 @pytest.mark.parametrize("source", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
@@ -115,8 +114,8 @@ def test_layer_and_model_importance_train_the_least_important(llama_units):
             mean[u.layer][1] += u.numel
     trained_layers = {u.layer for u in llama_units if u.layer is not None and u.key in layered.trained}
     assert len(trained_layers) == len(mean) // 2
-    assert max(mean[l][0] / mean[l][1] for l in trained_layers) < \
-        min(mean[l][0] / mean[l][1] for l in mean if l not in trained_layers)
+    assert max(mean[layer][0] / mean[layer][1] for layer in trained_layers) < \
+        min(mean[layer][0] / mean[layer][1] for layer in mean if layer not in trained_layers)
     whole = plan_units(llama_units, "llama", "model", 0.5, scores=scores)
     inner = [u for u in llama_units if u.layer is not None]
     trained = [scores[u.key] for u in inner if u.key in whole.trained]

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from hft_ray.errors import UserError
 from hft_ray.core.metrics import ForgettingMatrix, summary
+from hft_ray.errors import UserError
 
 
 def approx(expected: dict) -> dict:

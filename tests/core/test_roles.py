@@ -6,9 +6,9 @@ import torch
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from hft_ray.errors import UserError
 from hft_ray.core.roles import ATTENTION, Geometry, assign_roles
 from hft_ray.core.selection import model_units
+from hft_ray.errors import UserError
 
 
 def test_every_entry_of_every_parameter_has_exactly_one_role(tiny_model):

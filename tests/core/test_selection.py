@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from hft_ray.errors import UserError
-from hft_ray.train.models import load_model, meta_model
 from hft_ray.core.roles import role_group
 from hft_ray.core.selection import GRANULARITIES, SelectionPlan, model_units, round_half_up, select
+from hft_ray.errors import UserError
+from hft_ray.train.models import load_model, meta_model
 
 
 @pytest.fixture(scope="module")

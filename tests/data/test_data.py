@@ -8,14 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hft_ray.data.domains import Example
-
+from hft_ray.data.domains import BUILTIN_DOMAINS, Example
 from hft_ray.data.encoding import IGNORE_INDEX, encode
-
 from hft_ray.data.loading import DomainData, load_domain, render_chat
-
 from hft_ray.data.mixing import mix_replay
-from hft_ray.data.domains import BUILTIN_DOMAINS
 from hft_ray.errors import UserError
 from hft_ray.train.models import char_tokenizer
 

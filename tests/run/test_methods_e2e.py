@@ -60,9 +60,9 @@ def test_importance_plans_are_measured_on_the_model_that_starts_each_stage(metho
     """Stage 1 has nothing earlier to protect (a random draw); stage 2's scores are those of stage
     1's checkpoint on `upper`'s data, recomputed here, and its plan follows from them."""
     from hft_ray.core.importance import measure
+    from hft_ray.core.selection import model_units, plan_units
     from hft_ray.train.checkpoints import load_checkpoint
     from hft_ray.train.models import meta_model
-    from hft_ray.core.selection import model_units, plan_units
 
     tmp_path, out, client, runs, stderr = methods_run
     stages = {int(r.data.tags["hft.stage"]): r for r in runs if r.data.tags["hft.method"] == "hft_importance"}

@@ -2,8 +2,7 @@
 
 import pytest
 
-from hft_ray.run.scheduler import (BaseEvaluated, Branch, BranchEnded, Evaluate, Launch, Scheduler,
-                                   StageEvaluated)
+from hft_ray.run.scheduler import BaseEvaluated, Branch, BranchEnded, Evaluate, Launch, Scheduler, StageEvaluated
 from hft_ray.train.events import StageTrained
 
 ROW = {"upper": {"exact_match": 1.0}}

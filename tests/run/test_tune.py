@@ -4,8 +4,8 @@ search end to end on real Ray Tune, Ray Train and MLflow (sqlite), read back wit
 import csv
 import io
 import json
-import subprocess
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from hft_ray.cli import main
 from hft_ray.config.preflight import prepare
-from hft_ray.config.spec import load_spec
 from hft_ray.config.space import Objective, load_space, objective_value
+from hft_ray.config.spec import load_spec
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

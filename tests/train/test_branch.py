@@ -90,7 +90,10 @@ def test_a_crashed_branch_goes_on_from_its_last_checkpoint_and_ends_as_if_nothin
     second = run(job, tmp_path / "b")
     assert [type(e).__name__ for e in second][:2] == ["StageStarted", "StageResumed"]
     assert second[1].step == 4, "resumed after the step-4 checkpoint"
-    losses = lambda events, stage: next(e.losses for e in events if isinstance(e, StageTrained) and e.stage == stage)
+
+    def losses(events, stage):
+        return next(e.losses for e in events if isinstance(e, StageTrained) and e.stage == stage)
+
     assert losses(second, 2) == losses(whole, 2), "same batches, same optimizer state: the same losses"
     assert losses(second, 3) == losses(whole, 3)
 

@@ -6,13 +6,21 @@ import math
 import pytest
 import torch
 
-from hft_ray.data.loading import load_domain
-from hft_ray.train.dpo import Preference, dpo_loss, dpo_step_loss, encode_pairs, reward_accuracy, sequence_logps, with_reference
 from hft_ray.core.freezing import apply_plan
-from hft_ray.train.models import char_tokenizer, load_model
 from hft_ray.core.selection import select
 from hft_ray.data.encoding import batches
+from hft_ray.data.loading import load_domain
+from hft_ray.train.dpo import (
+    Preference,
+    dpo_loss,
+    dpo_step_loss,
+    encode_pairs,
+    reward_accuracy,
+    sequence_logps,
+    with_reference,
+)
 from hft_ray.train.loop import make_optimizer, run_steps
+from hft_ray.train.models import char_tokenizer, load_model
 
 
 def test_the_loss_is_the_dpo_formula_on_a_hand_built_example():

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from hft_ray.data.domains import Example
-
 from hft_ray.data.encoding import encode
-
 from hft_ray.data.loading import load_domain
 from hft_ray.train.evaluation import evaluate, generate_answers
-from hft_ray.train.models import char_tokenizer, load_model, smollm2_gguf_path
 from hft_ray.train.loop import train
+from hft_ray.train.models import char_tokenizer, load_model, smollm2_gguf_path
 
 torch.set_num_threads(1)
 

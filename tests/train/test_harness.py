@@ -33,11 +33,11 @@ def test_the_harness_score_is_the_choice_the_summed_log_likelihoods_make():
     docs = [json.loads(line) for line in (TASKS / "upper_mc.jsonl").read_text().splitlines()]
     by_hand = [[loglikelihood(model, tokenizer, d["question"], c) for c in d["choices"]] for d in docs]
     chosen = [max(range(len(s)), key=s.__getitem__) for s in by_hand]
-    assert score == pytest.approx(sum(c == d["answer"] for c, d in zip(chosen, docs)) / len(docs))
+    assert score == pytest.approx(sum(c == d["answer"] for c, d in zip(chosen, docs, strict=True)) / len(docs))
     assert 0 < score < 1, "a random model neither always nor never picks the upper-cased word"
     samples = sorted(report["samples"]["upper_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(docs) == report["results"]["upper_mc"]["sample_len"]
-    for sample, scores in zip(samples, by_hand):
+    for sample, scores in zip(samples, by_hand, strict=True):
         assert [r[0][0] for r in sample["resps"]] == pytest.approx(scores, abs=1e-3)  # [[loglik, greedy]] per choice
 
 

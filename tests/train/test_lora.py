@@ -2,14 +2,13 @@
 
 import torch
 
-from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
-from hft_ray.data.encoding import encode
+from hft_ray.data.encoding import batches, encode
 from hft_ray.data.loading import load_domain
+from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
 from hft_ray.train.evaluation import evaluate
+from hft_ray.train.loop import make_optimizer, run_steps
 from hft_ray.train.methods.lora import attach_lora, merge_lora
 from hft_ray.train.models import char_tokenizer, load_model
-from hft_ray.data.encoding import batches
-from hft_ray.train.loop import make_optimizer, run_steps
 
 
 def test_lora_trains_adapters_only_and_merges_into_a_checkpoint_that_evaluates_the_same(tmp_path):

@@ -32,5 +32,7 @@ def test_a_checkpoint_with_pickled_weights_is_refused_without_unpickling(tmp_pat
 def test_a_safetensors_checkpoint_round_trips(tmp_path):
     model = load_model("builtin:tiny-llama", seed=3)
     loaded, _ = load_checkpoint(write_checkpoint(tmp_path / "ckpt", model, char_tokenizer()))
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert list(got) == list(expected)  # every tensor, none missing or extra
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
