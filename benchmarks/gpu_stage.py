@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--largest", action="store_true", help="13B, 17.6B, 21.5B with checkpointing: FFT, HFT category")
+    parser.add_argument("--largest", action="store_true",
+                        help="13B, 17.6B, 21.5B with checkpointing: FFT, HFT category")
     parser.add_argument("--smoke-test", action="store_true", help="the tiny shape, 4 steps: checks the script")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -55,7 +55,8 @@ def probe_hits(model, tokenizer, facts, max_new_tokens: int) -> list[bool]:
     with torch.no_grad():
         answers = generate_answers(model, tokenizer, [probe_prompt(tokenizer, f) for f in facts],
                                    max_new_tokens=max_new_tokens, batch_size=len(facts))
-    return [re.search(rf"\b({fact[2]})\b", answer, re.IGNORECASE) is not None for fact, answer in zip(facts, answers, strict=True)]
+    return [re.search(rf"\b({fact[2]})\b", answer, re.IGNORECASE) is not None
+            for fact, answer in zip(facts, answers, strict=True)]
 
 
 def measure(model, tokenizer, probes, domains, args) -> dict:
@@ -141,7 +142,8 @@ def print_table(result: dict) -> None:
     print("| base | - | 1.000 | " + " | ".join(f"{base['domains'][n]['exact_match']:.3f}" for n in names) + " |")
     rows = [(m.upper(), n, summary[m][i]) for m in ("fft", "hft") for i, n in enumerate(names)]
     for method, after, row in rows + [("FFT + Half-Reset", names[-1], summary["half_reset"])]:
-        print(f"| {method} | {after} | {fmt(row['probe'])} | " + " | ".join(fmt(row["domains"][n]) for n in names) + " |")
+        cells = " | ".join(fmt(row["domains"][n]) for n in names)
+        print(f"| {method} | {after} | {fmt(row['probe'])} | {cells} |")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,7 +185,8 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=50)
     parser.add_argument("--probe-tokens", type=int, default=10, help="new tokens generated per probe")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--smoke-test", action="store_true", help="8 probes, 2 steps per stage, 8 eval examples, seed 0")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="8 probes, 2 steps per stage, 8 eval examples, seed 0")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     facts = FACTS

@@ -39,7 +39,8 @@ def plain_process(path: str, threads: int) -> dict:
     spec, _ = load_spec(path)
     prepared = prepare(spec, Path(path).parent)
     tokenizer = load_tokenizer(spec.model.source)
-    encoded = {n: encode(list(d.train), tokenizer, spec.train.max_length, domain=n) for n, d in prepared.domains.items()}
+    encoded = {n: encode(list(d.train), tokenizer, spec.train.max_length, domain=n)
+               for n, d in prepared.domains.items()}
     evals = {n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()}
 
     def evaluate_all(model):

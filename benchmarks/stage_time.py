@@ -103,8 +103,9 @@ def bench(name: str, args, folder: Path, services) -> list[dict]:
     rows = []
     for (mode, workers, method), steps in samples.items():
         fft = statistics.median(samples[(mode, workers, "fft")])
-        rows.append({"model": name, "mode": mode, "workers": workers, "method": method, "step_s": statistics.median(steps),
-                     "vs_fft": statistics.median(steps) / fft, "flop_ratio": flops[method], "samples": steps,
+        rows.append({"model": name, "mode": mode, "workers": workers, "method": method,
+                     "step_s": statistics.median(steps), "vs_fft": statistics.median(steps) / fft,
+                     "flop_ratio": flops[method], "samples": steps,
                      **settings, "stages": args.stages, "rounds": args.rounds})
     return rows
 

@@ -124,23 +124,29 @@ def bench_model(name: str, warmup: int | None, steps: int | None) -> dict:
     for entry in entries:
         rows.append({key: entry[key] for key in ("method", "trained_fraction", "flop_ratio", "grad_bytes",
                                                   "optimizer_bytes", "plan_bytes")}
-                    | {"median_step_s": statistics.median(times[entry["method"]]), "step_times_s": times[entry["method"]]})
+                    | {"median_step_s": statistics.median(times[entry["method"]]),
+                       "step_times_s": times[entry["method"]]})
     fft = rows[0]
     for row in rows:
         row["step_ratio"] = row["median_step_s"] / fft["median_step_s"]
         # Same-round ratios cancel noise that lasts longer than one round (another job starting).
-        row["paired_step_ratio"] = statistics.median(t / f for t, f in zip(row["step_times_s"], fft["step_times_s"], strict=True))
-        row["memory_ratio"] = (row["grad_bytes"] + row["optimizer_bytes"]) / (fft["grad_bytes"] + fft["optimizer_bytes"])
-    return {"model": name, "source": source, "batch": [batch_size, seq_len], "warmup": warmup, "steps": steps, "rows": rows}
+        pairs = zip(row["step_times_s"], fft["step_times_s"], strict=True)
+        row["paired_step_ratio"] = statistics.median(t / f for t, f in pairs)
+        row["memory_ratio"] = ((row["grad_bytes"] + row["optimizer_bytes"])
+                               / (fft["grad_bytes"] + fft["optimizer_bytes"]))
+    return {"model": name, "source": source, "batch": [batch_size, seq_len], "warmup": warmup, "steps": steps,
+            "rows": rows}
 
 
 def print_table(result: dict) -> None:
-    header = ("method", "median step s", "vs FFT", "paired vs FFT", "FLOP model", "grads+optim MB", "vs FFT", "plan MB", "trained (params)")
+    header = ("method", "median step s", "vs FFT", "paired vs FFT", "FLOP model", "grads+optim MB", "vs FFT",
+              "plan MB", "trained (params)")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in result["rows"]:
         mb = (r["grad_bytes"] + r["optimizer_bytes"]) / 2**20
-        print(f"| {r['method']} | {r['median_step_s']:.4f} | {r['step_ratio']:.3f} | {r['paired_step_ratio']:.3f} | {r['flop_ratio']:.3f} | "
-              f"{mb:.1f} | {r['memory_ratio']:.3f} | {r['plan_bytes'] / 2**20:.1f} | {r['trained_fraction']:.3f} |")
+        print(f"| {r['method']} | {r['median_step_s']:.4f} | {r['step_ratio']:.3f} | {r['paired_step_ratio']:.3f} | "
+              f"{r['flop_ratio']:.3f} | {mb:.1f} | {r['memory_ratio']:.3f} | {r['plan_bytes'] / 2**20:.1f} | "
+              f"{r['trained_fraction']:.3f} |")
 
 
 def main() -> None:
@@ -150,7 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed rounds (default: per model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-denormals", action="store_true",
-                        help="do not flush denormal floats to zero (on x86 CPUs they make every step several times slower)")
+                        help="do not flush denormal floats to zero "
+                             "(on x86 CPUs they make every step several times slower)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny LLaMA only, 1 warm-up + 3 timed rounds")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -163,7 +163,8 @@ class Location:
 
         fs, path = self.filesystem()
         with tempfile.TemporaryDirectory(prefix="hft-ray-download-") as folder:
-            pyarrow.fs.copy_files(path, folder, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+            pyarrow.fs.copy_files(path, folder, source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
             yield Path(folder)
 
     def upload(self, folder: Path, last: str) -> None:

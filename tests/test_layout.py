@@ -1,4 +1,4 @@
-"""The package's boundaries, as shared/DESIGN.md draws them: the core and the data need neither
+"""The package's boundaries, as docs/design.md draws them: the core and the data need neither
 Ray nor MLflow; the function every worker runs needs only torch and transformers (a GPU machine
 has no Ray, MLflow, pydantic or datasets); modules stay short."""
 

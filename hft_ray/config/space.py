@@ -166,8 +166,9 @@ def _format_error(error: dict) -> str:
         del loc[1]  # the tag of the scheduler union
     key = ".".join(loc) or "(top)"
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; valid keys: pipeline, set, space ({', '.join(SEARCHED)}), objective (metric, bwt_weight, mode), num_samples, max_concurrent, " \
-               f"scheduler (kind, grace_period, reduction_factor)"
+        return (f"{key}: unknown key; valid keys: pipeline, set, space ({', '.join(SEARCHED)}), "
+                "objective (metric, bwt_weight, mode), num_samples, max_concurrent, "
+                "scheduler (kind, grace_period, reduction_factor)")
     if error["type"] == "value_error":
         message = str(error["msg"]).removeprefix("Value error, ")
         # "choice: [...] not valid" from a sampler's check names its own sub-key.

@@ -18,7 +18,8 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    source: str = Field(description="builtin:tiny-llama, builtin:smollm2-135m, a model folder, a .gguf file or a cached hub id")
+    source: str = Field(description="builtin:tiny-llama, builtin:smollm2-135m, a model folder, a .gguf file or a "
+                                    "cached hub id")
     trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
 
 

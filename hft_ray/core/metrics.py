@@ -1,4 +1,4 @@
-"""The forgetting matrix and the continual-learning metrics read from it (shared/DESIGN.md).
+"""The forgetting matrix and the continual-learning metrics read from it (docs/design.md).
 
 R has T+1 rows and one column per domain: R[0] is the base model, R[i] the scores after stage
 i (1..T), all in [0, 1]; d_i is the domain of stage i. Plain Python: no torch, Ray or MLflow,
@@ -141,14 +141,14 @@ def _mean(values: Sequence[float]) -> float | None:
 def summary(matrix: ForgettingMatrix) -> dict[str, float]:
     """OP, BWT, FWT, forgetting and heldout_delta of a matrix, keyed by those names.
 
-    A metric that is undefined for this matrix is left out, never reported as 0 (DESIGN:
+    A metric that is undefined for this matrix is left out, never reported as 0 (docs/design.md:
     "not logged rather than logged as 0"). With T stages and distinct domains these are exactly
-    DESIGN's formulas. A domain trained more than once counts at its last stage:
+    the formulas of docs/design.md. A domain trained more than once counts at its last stage:
 
     - OP: mean of R[T][j] over the distinct trained domains j.
     - BWT: mean of R[T][d_i] - R[i][d_i] over the stages i < T whose domain is not trained
       again in stages i+1..T (its last stage). With distinct domains that is T-1 terms, i.e.
-      DESIGN's 1/(T-1). Undefined when there is no such stage (T = 1, or every earlier domain
+      the formula's 1/(T-1). Undefined when there is no such stage (T = 1, or every earlier domain
       is retrained later).
     - FWT: mean of R[i-1][d_i] - R[0][d_i] over the stages i >= 2 that train d_i for the first
       time: at a repeat, R[i-1][d_i] already holds d_i's own training, not transfer. With

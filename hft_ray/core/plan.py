@@ -36,7 +36,7 @@ class SelectionPlan:
     trained: frozenset[str] = field(default_factory=frozenset)
     period: int = 0  # periodic re-selection within a stage: the n-th draw of the stage (0: the first)
     # "random": the paper's draw. "importance": the least important units train (see
-    # hft_ray/importance.py); `importance` holds every unit's score.
+    # hft_ray/core/importance.py); `importance` holds every unit's score.
     strategy: str = "random"
     importance: Mapping[str, float] | None = field(default=None, compare=False)
 

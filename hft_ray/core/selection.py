@@ -91,10 +91,11 @@ def plan_units(
     period: int = 0,
     scores: Mapping[str, float] | None = None,
 ) -> SelectionPlan:
-    """The selection rule over role-mapped units (see shared/DESIGN.md, 'The selection').
+    """The selection rule over role-mapped units (see docs/design.md, 'The selection').
     `period` > 0 draws the stage's n-th plan for periodic re-selection within a stage.
-    `scores` (unit key -> importance, hft_ray/importance.py) replaces the random draw: within the
-    same structure, the least important units train and the most important stay frozen."""
+    `scores` (unit key -> importance, hft_ray/core/importance.py) replaces the random draw:
+    within the same structure, the least important units train and the most important stay
+    frozen."""
     problems = validate_selection_args(granularity, ratio)
     if scores is not None and granularity == "element":
         problems.append("strategy: 'importance' ranks whole matrices; use granularity category, layer or model")

@@ -7,7 +7,8 @@ character-level model with `train.max_length` 64.
   behind its own prompt prefix ("U abcde=" -> "ABCDE"). With a fixed length, output character j
   always sits the same distance after input character j, so a tiny LLaMA learns them from
   relative positions in a few hundred steps and generalises to unseen words; reversal and
-  sorting need far more (shared/CALIBRATION.md). Eval words are disjoint from training words.
+  sorting need far more (a probe: 0.005 and 0.175 exact match after 1200 steps at lr 1e-3).
+  Eval words are disjoint from training words.
 - The quickstart's fine-tuning regime (benchmarks/CALIBRATION.md): pretraining teaches `copy`,
   `next` and `prev` over the whole alphabet, and `primer`, the stage instructions (upper,
   caesar, atbash) on words of letters a-m only; each fine-tuning stage then teaches one of them
@@ -140,13 +141,15 @@ BUILTIN_DOMAINS: dict[str, DomainKind] = {
         DomainKind("atbash", "mirror the alphabet: 'M abcde=' -> 'zyxwv'", _char_map("M", WORD, _mirror)),
         DomainKind("next", "the next letter: 'N abcde=' -> 'bcdef'", _char_map("N", WORD, _shift(1))),
         DomainKind("prev", "the previous letter: 'B abcde=' -> 'zabcd'", _char_map("B", WORD, _shift(-1))),
-        DomainKind("primer", "upper, caesar and atbash on words of letters a-m only ('U', 'C', 'M'; for pretraining)", _primer),
+        DomainKind("primer", "upper, caesar and atbash on words of letters a-m only ('U', 'C', 'M'; for pretraining)",
+                   _primer),
         DomainKind("double", "double each letter: 'D abcd=' -> 'aabbccdd'", _double),
         DomainKind("swap", "swap letter pairs: 'S abcdef=' -> 'badcfe'", _swap),
         # Carries make addition much harder than a character map; measured in benchmarks/CALIBRATION.md.
         DomainKind("prefer", "preference pairs for DPO: 'V abcde=' prefers 'bcdef' over 'zabcd'", _prefer),
-        DomainKind("world-facts", f"{len(WORLD_FACTS)} facts a real model knows: 'user: What is the capital of France?\\n"
-                   "assistant: The capital of France is' -> ' Paris' (knowledge, word match)",
+        DomainKind("world-facts", f"{len(WORLD_FACTS)} facts a real model knows: "
+                   "'user: What is the capital of France?\\nassistant: The capital of France is' -> ' Paris' "
+                   "(knowledge, word match)",
                    _world_facts, is_knowledge=True, default_train_size=len(WORLD_FACTS), match="word",
                    max_size=len(WORLD_FACTS)),
         DomainKind("arithmetic", "2-digit addition: 'A 12+34=' -> '46' (10,000 problems in all)", _arithmetic,

@@ -79,7 +79,8 @@ def _load(name, source, format, seed, eval_size, train_size, knowledge) -> Domai
         kept = examples if train_size is None else examples[:train_size]
         return DomainData(name, tuple(kept), tuple(kept), True)
     if len(examples) < 2:
-        raise UserError(f"{key}.source: {_describe(source)} has {len(examples)} row; a held-out eval split needs at least 2")
+        raise UserError(f"{key}.source: {_describe(source)} has {len(examples)} row; "
+                        "a held-out eval split needs at least 2")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, min(eval_size, len(examples) // 5))
@@ -121,7 +122,8 @@ def _describe(source: Mapping) -> str:
 
 def _read_rows(key: str, source: Mapping) -> list[dict]:
     if not isinstance(source, Mapping) or ("path" in source) == ("dataset" in source):
-        raise UserError(f"{key}.source: {source!r} needs exactly one of 'path' or 'dataset' (or a 'builtin:<kind>' string)")
+        raise UserError(f"{key}.source: {source!r} needs exactly one of 'path' or 'dataset' "
+                        "(or a 'builtin:<kind>' string)")
     if "path" in source:
         unknown = set(source) - {"path"}
         if unknown:

@@ -86,7 +86,8 @@ def resumable(tracker, spec, run_id: str | None) -> Manifest:
     try:
         run = tracker.find_resumable("pipeline", spec.name, run_id)
     except Exception as error:  # mlflow raises its own exception for an unknown id
-        raise UserError(f"--resume {run_id}: no such run in {tracker.tracking_uri} ({str(error).splitlines()[0]})") from None
+        raise UserError(f"--resume {run_id}: no such run in {tracker.tracking_uri} "
+                        f"({str(error).splitlines()[0]})") from None
     if run is None:
         raise UserError(f"--resume: no unfinished run of pipeline {spec.name!r} in experiment {spec.experiment!r} "
                         f"({tracker.tracking_uri}); start one without --resume")

@@ -1,4 +1,4 @@
-"""`hft-ray run`: the pipeline's DAG (shared/DESIGN.md, "Data flow") driven from here.
+"""`hft-ray run`: the pipeline's DAG (docs/design.md, "Data flow") driven from here.
 
     base model (+ pretrain) -> row 0
       -> a worker group per method branch, side by side: its stages in order
@@ -33,7 +33,8 @@ class PipelineRun:
     def __init__(self, prepared: Prepared, pipeline_text: str, tracker: Tracker, board: Board,
                  capacity: Capacity, resume: Manifest | None = None):
         """A new run, or with `resume` the continuation of a run whose driver died."""
-        self.prepared, self.spec, self.domains, self.pipeline_text = prepared, prepared.spec, prepared.domains, pipeline_text
+        self.prepared, self.spec, self.domains = prepared, prepared.spec, prepared.domains
+        self.pipeline_text = pipeline_text
         self.tracker, self.board, self.capacity = tracker, board, capacity
         if resume is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")

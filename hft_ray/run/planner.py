@@ -25,8 +25,8 @@ class Planner:
         stages = tuple(self.stage(method, i) for i in range(max(1, first), len(self.spec.stages) + 1))
         if first == 0:
             stages = (self.pretrain_stage(pretrain_threads),) + stages
-        return BranchJob(method, start, stages, **self._settings(), threads=max(1, int(self.spec.train.cpus_per_worker)),
-                         wait_for_start=wait_for_start)
+        return BranchJob(method, start, stages, **self._settings(),
+                         threads=max(1, int(self.spec.train.cpus_per_worker)), wait_for_start=wait_for_start)
 
     def pretrain(self, start: str, threads: int) -> BranchJob:
         """Pretraining alone, as a branch of its own (a Tune search makes its base so)."""

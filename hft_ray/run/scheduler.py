@@ -1,4 +1,4 @@
-"""What the driver does next, from what has happened: the DAG of shared/DESIGN.md as plain
+"""What the driver does next, from what has happened: the DAG of docs/design.md as plain
 logic, with no Ray in it (the runner carries the actions out; tests drive it by hand).
 
     each branch: launch its worker group (as many at once as `slots` allow; the rest wait)

@@ -1,7 +1,7 @@
 """MLflow: a parent run per pipeline invocation, a child run per (method, stage).
 
 Only the driver writes (sqlite locks under many writers), through `MlflowClient` with
-explicit run ids, so runs never depend on a thread's "active run". Layout: shared/DESIGN.md.
+explicit run ids, so runs never depend on a thread's "active run". Layout: docs/design.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class Tracker:
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=self._artifact_root(experiment))
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=self._artifact_root(experiment))
 
     def _artifact_root(self, experiment: str) -> str | None:
         # Keep a local store's artifacts beside its database, not in whatever cwd runs it.

@@ -42,7 +42,8 @@ class TrialLogger(Callback):
     def _run(self, trial) -> tuple[str, int]:
         if trial.trial_id not in self.runs:
             config = trial_config(trial, self.searched)
-            name = "trial " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+            name = "trial " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in config.items())
             self.runs[trial.trial_id] = self.tracker.trial_run(self.parent_id, trial.trial_id, name, config)
         return self.runs[trial.trial_id]
 

@@ -70,7 +70,8 @@ def resumable_search(tracker: SearchTracker, loaded: LoadedSpace, run_id: str | 
     try:
         run = tracker.find_resumable("tune", name, run_id)
     except Exception as error:  # mlflow raises its own exception for an unknown id
-        raise UserError(f"--resume {run_id}: no such run in {tracker.tracking_uri} ({str(error).splitlines()[0]})") from None
+        raise UserError(f"--resume {run_id}: no such run in {tracker.tracking_uri} "
+                        f"({str(error).splitlines()[0]})") from None
     if run is None or run.data.tags.get("hft.kind") != "tune":
         raise UserError(f"--resume{' ' + run_id if run_id else ''}: no unfinished search of pipeline {name!r} in "
                         f"experiment {loaded.spec.experiment!r} ({tracker.tracking_uri}); start one without --resume")

@@ -23,7 +23,8 @@ from hft_ray.data.domains import Example, Preference
 from hft_ray.data.encoding import IGNORE_INDEX, encode
 
 
-def encode_pairs(pairs: Sequence[Preference], tokenizer, max_length: int, *, domain: str = "?") -> dict[str, torch.Tensor]:
+def encode_pairs(pairs: Sequence[Preference], tokenizer, max_length: int, *,
+                 domain: str = "?") -> dict[str, torch.Tensor]:
     """chosen_* and rejected_* tensors (input_ids, attention_mask, labels), row i = pair i."""
     chosen = encode([Example(p.prompt, p.chosen) for p in pairs], tokenizer, max_length, domain=domain)
     rejected = encode([Example(p.prompt, p.rejected) for p in pairs], tokenizer, max_length, domain=domain)

@@ -32,7 +32,8 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
         with torch.no_grad():
             answers = generate_answers(model, tokenizer, [e.prompt for e in examples],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-            exact = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples, strict=True)) / len(examples)
+            hits = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples, strict=True))
+            exact = hits / len(examples)
             accuracy = token_accuracy(model, tokenizer, examples, batch_size=batch_size)
     finally:
         model.train(was_training)
@@ -91,7 +92,8 @@ def token_accuracy(model, tokenizer, examples: Sequence[Example], *, batch_size:
     correct = total = 0
     for start in range(0, len(examples), batch_size):
         batch = encode(examples[start:start + batch_size], tokenizer, max_length=1 << 30, domain="eval")
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
         predicted = logits[:, :-1].argmax(-1).cpu()
         gold = batch["labels"][:, 1:]
         scored = gold != IGNORE_INDEX

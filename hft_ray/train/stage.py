@@ -43,7 +43,8 @@ class StageRecorder:
         every, steps = self.job.log_every, self.stage.steps
         if self.runtime.rank == 0 and (step % every == 0 or step == steps):
             recent = self.progress.step_times[-every:]
-            self.channel.notify(StepsDone(self.job.name, self.stage.index, step, steps, loss, len(recent) / sum(recent)))
+            steps_per_s = len(recent) / sum(recent)
+            self.channel.notify(StepsDone(self.job.name, self.stage.index, step, steps, loss, steps_per_s))
             # Not print(): Ray Train patches it into a logger that echoes each line twice.
             sys.stdout.write(f"[hft-ray] {self.stage.label}: step {step}/{steps} loss {loss:.4f}\n")
             sys.stdout.flush()

@@ -20,7 +20,8 @@ def test_more_workers_than_this_machine_has_exit_2_before_anything_starts(tmp_pa
 
 def test_a_custom_resource_no_node_has_exits_2_naming_the_key(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hft_ray", "run", str(SMOKE),
-                             "--set", "train.resources_per_worker={trainer: 1}", "--set", "eval.resources={evaluator: 1}",
+                             "--set", "train.resources_per_worker={trainer: 1}",
+                             "--set", "eval.resources={evaluator: 1}",
                              "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--set", f"output.dir={tmp_path}/runs"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]

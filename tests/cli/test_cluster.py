@@ -149,14 +149,16 @@ def test_ui_serves_the_run_its_heatmap_and_its_page(project, submitted):
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        assert ui.stdout.readline().strip() == f"MLflow UI for sqlite:///{project}/mlflow.db: open {base} (Ctrl-C stops it)"
+        announced = f"MLflow UI for sqlite:///{project}/mlflow.db: open {base} (Ctrl-C stops it)"
+        assert ui.stdout.readline().strip() == announced
         listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"}
         assert listening == {"127.0.0.1"}, "the UI binds loopback only, unless told otherwise"
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={submitted['run']}") as response:
             run = json.load(response)["run"]
         assert run["info"]["status"] == "FINISHED"
         assert {m["key"] for m in run["data"]["metrics"]} >= {"hft.OP", "hft.heldout_delta"}
-        with urllib.request.urlopen(f"{base}/get-artifact?path=forgetting/hft.png&run_uuid={submitted['run']}") as response:
+        heatmap = f"{base}/get-artifact?path=forgetting/hft.png&run_uuid={submitted['run']}"
+        with urllib.request.urlopen(heatmap) as response:
             assert response.read(8) == b"\x89PNG\r\n\x1a\n"
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:

@@ -82,7 +82,8 @@ def test_every_file_of_the_run_is_in_the_store_and_none_here(project, s3, one_no
     prefix, keys = one_node["prefix"], s3.keys("one/")
     assert prefix.startswith("one/beyond-one-node-")
     for stage in ("base", "hft/stage-1", "hft/stage-2"):
-        assert {f"{prefix}/{stage}/{name}" for name in ("config.json", "model.safetensors", "tokenizer.json")} <= set(keys)
+        files = ("config.json", "model.safetensors", "tokenizer.json")
+        assert {f"{prefix}/{stage}/{name}" for name in files} <= set(keys)
     assert {f"{prefix}/manifest.json", f"{prefix}/result.json", f"{prefix}/hft/stage-2/plan.json"} <= set(keys)
     # Ray Train's storage: the resumable checkpoints taken every 10 steps went to the store too.
     assert any(k.startswith(f"{prefix}/ray/") and k.endswith("/progress.json") for k in keys), keys
@@ -99,7 +100,8 @@ def test_the_resume_continued_the_same_runs_from_the_store(s3, one_node):
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.data.tags["hft.stage"] for c in children) == ["1", "2"]
     assert all(c.info.status == "FINISHED" and "eval/caesar" in c.data.metrics for c in children)
-    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=f"{one_node['prefix']}/manifest.json")["Body"].read())
+    key = f"{one_node['prefix']}/manifest.json"
+    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
     assert manifest["attempt"] == 1 and all(s.get("row") for s in manifest["branches"]["hft"]["stages"].values())
 
 
@@ -114,7 +116,8 @@ def test_no_credential_is_written_into_mlflow_or_the_manifest(project, s3, one_n
     parent = client.get_run(parent_id)
     runs = [parent, *client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")]
     written = [json.dumps([r.data.params, r.data.tags]) for r in runs]
-    written.append(s3.client().get_object(Bucket=s3.bucket, Key=f"{one_node['prefix']}/manifest.json")["Body"].read().decode())
+    key = f"{one_node['prefix']}/manifest.json"
+    written.append(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode())
     written.append(Path(client.download_artifacts(parent_id, "pipeline.yaml", str(project))).read_text())
     for secret in (s3.env["AWS_SECRET_ACCESS_KEY"], s3.env["AWS_ACCESS_KEY_ID"]):
         assert not any(secret in text for text in written)
@@ -196,7 +199,8 @@ def submitted(project, s3, two_nodes, mlflow_server):
 
 
 def test_stages_trained_on_one_node_and_were_evaluated_on_the_other(two_nodes, submitted):
-    nodes = {("trainer" if "trainer" in n["resources_total"] else "evaluator"): n["node_id"] for n in ray_nodes(two_nodes)}
+    nodes = {("trainer" if "trainer" in n["resources_total"] else "evaluator"): n["node_id"]
+             for n in ray_nodes(two_nodes)}
     assert len(set(nodes.values())) == 2, nodes
     client, parent_id = submitted["client"], submitted["run"]
     parent = client.get_run(parent_id)

@@ -41,11 +41,12 @@ def _module(model, param_name):
 def _project(x, module, part, bias_part):
     """The output features `part` selects, computed by hand from the module's weight."""
     weight = module.weight
+    sliced = torch.cat([torch.arange(a, b) for a, b in part.ranges]) if part.dim is not None else None
     if isinstance(module, Conv1D):  # (in, out)
-        cols = torch.cat([torch.arange(a, b) for a, b in part.ranges]) if part.dim is not None else torch.arange(weight.shape[1])
+        cols = sliced if sliced is not None else torch.arange(weight.shape[1])
         out = x @ weight[:, cols]
     else:
-        rows = torch.cat([torch.arange(a, b) for a, b in part.ranges]) if part.dim is not None else torch.arange(weight.shape[0])
+        rows = sliced if sliced is not None else torch.arange(weight.shape[0])
         out = x @ weight[rows].T
     if bias_part is not None:
         out = out + module.bias[cols if isinstance(module, Conv1D) else rows]

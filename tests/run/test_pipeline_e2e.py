@@ -27,7 +27,8 @@ def finished_run(tmp_path_factory):
 
 def test_progress_names_branch_stage_and_loss(finished_run):
     _, _, stderr = finished_run
-    for line in ("fft stage 1/2 (upper): training", "hft stage 2/2 (caesar): step 20/20 loss", "hft stage 2/2 done: loss"):
+    for line in ("fft stage 1/2 (upper): training", "hft stage 2/2 (caesar): step 20/20 loss",
+                 "hft stage 2/2 done: loss"):
         assert line in stderr
 
 
@@ -38,11 +39,12 @@ def test_parent_and_child_runs_follow_the_layout(finished_run):
     assert parent.data.tags["hft.kind"] == "pipeline" and parent.data.tags["hft.pipeline"] == "smoke"
     assert parent.data.params["train.lr"] == "0.002"
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted((c.data.tags["hft.method"], c.data.tags["hft.stage"], c.data.tags["hft.domain"]) for c in children) == [
-        ("fft", "1", "upper"), ("fft", "2", "caesar"), ("hft", "1", "upper"), ("hft", "2", "caesar")]
+    tags = sorted((c.data.tags["hft.method"], c.data.tags["hft.stage"], c.data.tags["hft.domain"]) for c in children)
+    assert tags == [("fft", "1", "upper"), ("fft", "2", "caesar"), ("hft", "1", "upper"), ("hft", "2", "caesar")]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["hft.kind"] == "stage"
-        assert {"eval/facts", "eval/upper", "eval/caesar", "time/train_s", "time/step_s", "train/loss"} <= set(child.data.metrics)
+        logged = set(child.data.metrics)
+        assert {"eval/facts", "eval/upper", "eval/caesar", "time/train_s", "time/step_s", "train/loss"} <= logged
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, 21))
         selection = json.loads(Path(client.download_artifacts(child.info.run_id, "selection.json")).read_text())

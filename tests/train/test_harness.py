@@ -43,7 +43,8 @@ def test_the_harness_score_is_the_choice_the_summed_log_likelihoods_make():
 
 def test_limit_takes_the_first_documents():
     model = load_model("builtin:tiny-llama", seed=0).eval()
-    _, report = evaluate_harness(model, char_tokenizer(), HarnessColumn("upper_mc", limit=5, include_path=str(TASKS)), 8)
+    column = HarnessColumn("upper_mc", limit=5, include_path=str(TASKS))
+    _, report = evaluate_harness(model, char_tokenizer(), column, 8)
     assert report["results"]["upper_mc"]["sample_len"] == 5
 
 

@@ -1,5 +1,6 @@
-"""Security defaults (shared/DESIGN.md): checkpoints load from safetensors only, never pickle.
-(Token auth and loopback-only servers: tests/test_cluster.py; trust_remote_code: test_spec.py.)"""
+"""Security defaults (docs/design.md): checkpoints load from safetensors only, never pickle.
+(Token auth and loopback-only servers: tests/cli/test_cluster.py; trust_remote_code:
+tests/config/test_spec.py.)"""
 
 from pathlib import Path
 
