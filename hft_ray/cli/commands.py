@@ -131,7 +131,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return 0
     for method, matrix in result.matrices.items():
         print()
-        print(format_matrix(matrix, f"{method} ({spec.eval.metric}; * = trained in that stage)", result.summaries[method]))
+        title = f"{method} ({spec.eval.metric}; * = trained in that stage)"
+        print(format_matrix(matrix, title, result.summaries[method]))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
           f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
     return 0
@@ -187,8 +188,9 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.num_samples is not None and (kind != "tune" or args.num_samples < 1):
         raise UserError(f"--num-samples {args.num_samples}: takes a positive number, for a tune space only")
     extra = ["--num-samples", str(args.num_samples)] if args.num_samples else []
-    return submit(kind, args.file, args.address, overrides=args.set, tracking_uri=resolve_tracking_uri(args.tracking_uri),
-                  storage_path=args.storage_path, extra_args=extra, wait=args.wait)
+    return submit(kind, args.file, args.address, overrides=args.set,
+                  tracking_uri=resolve_tracking_uri(args.tracking_uri), storage_path=args.storage_path,
+                  extra_args=extra, wait=args.wait)
 
 
 def run_ui(args: argparse.Namespace) -> int:

@@ -48,7 +48,8 @@ def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = No
     lines.append(" " * label_width + "".join(f"{c:>{width}}" for c in matrix.columns))
     for index, (label, row) in enumerate(zip(matrix.rows, matrix.scores, strict=True)):
         trained = matrix.stage_domains[index - 1] if index else None
-        cells = "".join(f"{score:>{width - 1}.3f}{'*' if c == trained else ' '}" for c, score in zip(matrix.columns, row, strict=True))
+        cells = "".join(f"{score:>{width - 1}.3f}{'*' if c == trained else ' '}"
+                        for c, score in zip(matrix.columns, row, strict=True))
         lines.append(f"{label:<{label_width}}{cells}")
     if summary:
         lines.append("  ".join(f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}" for k, v in summary.items()))

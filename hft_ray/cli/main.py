@@ -7,6 +7,7 @@ import os
 import sys
 
 from hft_ray.cli import commands
+from hft_ray.cli.notices import driver_log_path, route_setup_notices
 from hft_ray.core.selection import GRANULARITIES
 from hft_ray.errors import UserError
 
@@ -29,7 +30,8 @@ def _add_run_options(parser: argparse.ArgumentParser, resume_help: str) -> None:
                         help="where checkpoints go (sets output.dir); on a cluster, a path every node reaches")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own lines too (workers' output, checkpoint and report notices)")
+                        help="show Ray's and MLflow's own lines too (workers' output, checkpoint and report "
+                             f"notices, set-up notices; without it those go to {driver_log_path()})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,8 @@ def _add_select(sub) -> None:
     select.add_argument("model", metavar="MODEL",
                         help="builtin:tiny-llama (and other built-ins), builtin:smollm2-135m, a model folder, "
                              "a .gguf file, or a cached Hugging Face id")
-    select.add_argument("--granularity", default="category", help=f"one of {', '.join(GRANULARITIES)} (default: category)")
+    select.add_argument("--granularity", default="category",
+                        help=f"one of {', '.join(GRANULARITIES)} (default: category)")
     select.add_argument("--ratio", type=_ratio, default=0.5, help="fraction trained, in (0, 1) (default: 0.5)")
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--stage", type=int, default=0, help="stage index: every stage draws a new plan")
@@ -117,6 +120,7 @@ def _add_ui_and_report(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
+    route_setup_notices(getattr(args, "verbose", False))
     try:
         return args.handler(args)
     except UserError as error:

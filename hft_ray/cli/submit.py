@@ -97,7 +97,8 @@ def prepare_submission(kind: str, path: str, overrides: list[str], tracking_uri:
         carried = write_pipeline_bundle(pipeline_data, pipeline_dir, bundle)
     else:
         carried = write_space_bundle(space_data, pipeline_data, pipeline_dir, bundle)
-    args = ["python", "-m", "hft_ray", kind, target, "--tracking-uri", _absolute_tracking_uri(tracking_uri), *extra_args]
+    args = ["python", "-m", "hft_ray", kind, target, "--tracking-uri", _absolute_tracking_uri(tracking_uri),
+            *extra_args]
     return Submission(shlex.join(args), bundle, carried, name)
 
 

@@ -93,7 +93,8 @@ def serve(tracking_uri: str, host: str, port: int, artifacts: str | None = None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(url):
             if server.poll() is not None:
-                print(f"hft-ray: the MLflow server exited with code {server.returncode} (is port {port} taken?)", file=sys.stderr)
+                print(f"hft-ray: the MLflow server exited with code {server.returncode} (is port {port} taken?)",
+                      file=sys.stderr)
                 return 1
             if time.monotonic() > deadline:
                 print(f"hft-ray: the MLflow server did not answer on {url} within {START_TIMEOUT_S}s", file=sys.stderr)

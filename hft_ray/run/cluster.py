@@ -99,7 +99,8 @@ def fit_problems(train, eval_resources: dict[str, float], have: Capacity) -> lis
                 f"{need:g} {kind}s per branch; {have.where} has {got:g} and cannot grow (no autoscaler); lower "
                 f"train.workers or train.cpus_per_worker, or --address a larger cluster"
                 for kind, need, got in needs if need > got]
-    asked = [("train.resources_per_worker", name, amount * workers) for name, amount in train.resources_per_worker.items()]
+    asked = [("train.resources_per_worker", name, amount * workers)
+             for name, amount in train.resources_per_worker.items()]
     asked += [("eval.resources", name, amount) for name, amount in eval_resources.items()]
     for key, name, need in asked:
         if have.custom.get(name, 0.0) < need:

@@ -1,6 +1,7 @@
 """The main path end to end: `hft-ray run` on real Ray, real MLflow (sqlite), real training."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def finished_run(tmp_path_factory):
     uri = f"sqlite:///{folder}/mlflow.db"
     result = subprocess.run(
         ["hft-ray", "run", str(SMOKE), "--tracking-uri", uri, "--json", "--set", f"output.dir={folder}/runs"],
-        capture_output=True, text=True, timeout=900, cwd=folder)
+        capture_output=True, text=True, timeout=900, cwd=folder,
+        env={**os.environ, "HFT_RAY_DRIVER_LOG": str(folder / "driver.log")})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout), MlflowClient(uri), result.stderr
 
@@ -100,6 +102,11 @@ def test_rays_own_lines_stay_in_its_logs_and_each_stage_run_has_system_metrics(f
     for line in ("Checkpoint successfully created", "Reporting training result", "PreemptionWatcher", "(raylet)",
                  "RayTrainWorker pid="):
         assert line not in stderr
+    # A new store's and a new cluster's set-up notices go to the driver log, not the first screen.
+    setup_notices = ("Creating initial MLflow database tables", "Token authentication is enabled")
+    driver_log = (Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "driver.log").read_text()
+    for line in setup_notices:
+        assert line not in stderr and line in driver_log
     experiment = client.get_run(out["parent_run_id"]).info.experiment_id
     for child in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'"):
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(child.data.metrics)
