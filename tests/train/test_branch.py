@@ -120,7 +120,11 @@ def test_two_processes_under_torchrun_train_one_branch_with_ddp(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hft stage 1: checkpoint" in result.stdout and "(8 steps" in result.stdout
-    assert weights(job.stages[0].output).keys() == weights(tmp_path / "base").keys()
+    before, after = weights(tmp_path / "base"), weights(job.stages[0].output)
+    frozen, names = frozen_and_trained(json.loads((Path(job.stages[0].output) / "plan.json").read_text()))
+    assert after.keys() == before.keys() == frozen | names and frozen and names
+    assert all(torch.equal(before[n], after[n]) for n in frozen), "a frozen tensor moved"
+    assert all(not torch.equal(before[n], after[n]) for n in names), "a trained tensor did not move"
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("bf16-mixed", torch.float32)])
@@ -148,6 +152,7 @@ def torchrun(tmp_path: Path, job: BranchJob, name: str, *extra: str) -> tuple[in
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              str(Path(__file__).parent / "torchrun_branch.py"), str(folder / "job.json"),
                              str(folder / "events.jsonl"), *extra], capture_output=True, text=True, timeout=300)
+    sys.stderr.write(result.stderr[-3000:] if result.returncode else "")  # shown when a test fails
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     return result.returncode, events
 
@@ -162,22 +167,78 @@ def trained(events: list[dict], stage: int) -> dict:
     return next(e for e in events if e["kind"] == "StageTrained" and e["stage"] == stage)
 
 
-def test_fsdp_trains_like_ddp_with_half_the_optimizer_state_and_frozen_tensors_untouched(tmp_path):
-    codes = {}
+def frozen_and_trained(selection: dict) -> tuple[set[str], set[str]]:
+    """The parameter names a stage's HFT plan froze, and those it trained."""
+    parts = [(u["key"] in selection["trained"], p["param"]) for u in selection["units"] for p in u["parts"]]
+    return {n for t, n in parts if not t}, {n for t, n in parts if t}
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
+    """One HFT branch (2 stages of 8 steps) under torchrun on 2 ranks, with ddp and with fsdp;
+    every rank writes its optimizer state's bytes and (ddp) its weights after each stage's steps."""
+    folder = tmp_path_factory.mktemp("strategies")
     runs = {}
-    for name, method, strategy in (("ddp", HFT, "ddp"), ("fsdp", HFT, "fsdp"), ("fsdp-fft", {"kind": "fft"}, "fsdp")):
-        codes[name], runs[name] = torchrun(tmp_path, sharded_job(tmp_path, name, method, strategy=strategy), name)
-    assert codes == {"ddp": 0, "fsdp": 0, "fsdp-fft": 0}
+    for strategy in ("ddp", "fsdp"):
+        job = sharded_job(folder, strategy, strategy=strategy)
+        code, runs[strategy] = torchrun(folder, job, strategy, "--ranks", str(folder / strategy / "ranks"))
+        assert code == 0, strategy
+    return folder, runs
+
+
+def test_fsdp_trains_like_ddp_and_leaves_frozen_tensors_untouched(ddp_and_fsdp):
+    folder, runs = ddp_and_fsdp
     for stage in (1, 2):
         assert trained(runs["fsdp"], stage)["losses"] == pytest.approx(trained(runs["ddp"], stage)["losses"], rel=1e-4)
-    hft, fft = (json.loads((tmp_path / n / "stage-1" / "train_log.json").read_text())["optimizer_bytes"]
-                for n in ("fsdp", "fsdp-fft"))
-    assert hft / fft <= 0.55, "a frozen tensor has no optimizer state on any rank"
     started = next(e for e in runs["fsdp"] if e["kind"] == "StageStarted" and e["stage"] == 2)
-    before, after = weights(tmp_path / "fsdp" / "stage-1"), weights(tmp_path / "fsdp" / "stage-2")
-    frozen = {p["param"] for u in started["selection"]["units"] for p in u["parts"]
-              if u["key"] not in started["selection"]["trained"]}
+    before, after = weights(folder / "fsdp" / "stage-1"), weights(folder / "fsdp" / "stage-2")
+    frozen, _ = frozen_and_trained(started["selection"])
     assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+
+
+def rank_state(folder: Path, strategy: str, stage: int) -> list[dict]:
+    return [json.loads((folder / strategy / "ranks" / f"rank-{r}-stage-{stage}.json").read_text()) for r in (0, 1)]
+
+
+def test_fsdp_splits_the_optimizer_state_over_the_ranks_where_each_ddp_rank_holds_it_all(ddp_and_fsdp):
+    folder, runs = ddp_and_fsdp
+    shapes = {n: t.shape for n, t in weights(folder / "base").items()}
+    for stage in (1, 2):
+        started = {s: next(e for e in runs[s] if e["kind"] == "StageStarted" and e["stage"] == stage) for s in runs}
+        assert started["ddp"]["selection"] == started["fsdp"]["selection"], "the same plan under both"
+        _, names = frozen_and_trained(started["ddp"]["selection"])
+        ddp, fsdp = rank_state(folder, "ddp", stage), rank_state(folder, "fsdp", stage)
+        # AdamW's two fp32 moments for every trained entry, none for a frozen tensor, on each ddp rank.
+        assert ddp[0]["entry_bytes"] == ddp[1]["entry_bytes"]
+        assert ddp[0]["entry_bytes"].keys() == names and len(names) < len(shapes)
+        assert sum(ddp[0]["entry_bytes"].values()) == 2 * 4 * started["ddp"]["trainable"]
+        # fsdp: each rank holds its dim-0 shard of each of them: half, up to the half row an odd
+        # dim 0 gives one rank more; the two shards together are the whole, nothing repeated.
+        for name in names:
+            whole, row = ddp[0]["entry_bytes"][name], ddp[0]["entry_bytes"][name] // shapes[name][0]
+            assert all(abs(r["entry_bytes"][name] - whole / 2) <= row / 2 for r in fsdp), name
+            assert fsdp[0]["entry_bytes"][name] + fsdp[1]["entry_bytes"][name] == whole, name
+        totals = [sum(r["entry_bytes"].values()) + r["other_bytes"] for r in ddp + fsdp]
+        assert all(0.49 <= t / totals[0] <= 0.51 for t in totals[2:]), totals
+        assert 0.99 <= (totals[2] + totals[3]) / totals[0] <= 1.01, totals  # + each rank's step counters
+        logged = json.loads((folder / "fsdp" / f"stage-{stage}" / "train_log.json").read_text())["optimizer_bytes"]
+        assert logged == totals[2], "the train log's figure is rank 0's own shards"
+
+
+def test_ddp_ranks_step_in_lockstep_and_move_only_their_trained_entries(ddp_and_fsdp):
+    folder, runs = ddp_and_fsdp
+    for stage, start in ((1, folder / "base"), (2, folder / "ddp" / "stage-1")):
+        started = next(e for e in runs["ddp"] if e["kind"] == "StageStarted" and e["stage"] == stage)
+        frozen, names = frozen_and_trained(started["selection"])
+        before = weights(start)
+        ranks = [load_file(str(folder / "ddp" / "ranks" / f"rank-{r}-stage-{stage}.safetensors")) for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys() == before.keys() == frozen | names
+        # gloo all-reduces to the same bits on every rank, and the optimizer step is the same there
+        assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in before), "the ranks' replicas differ"
+        assert all(torch.equal(before[n], ranks[0][n]) for n in frozen), "a frozen tensor moved"
+        assert all(not torch.equal(before[n], ranks[0][n]) for n in names), "a trained tensor did not move"
+        checkpoint = weights(folder / "ddp" / f"stage-{stage}")
+        assert all(torch.equal(checkpoint[n], ranks[0][n]) for n in before), "the checkpoint is what was trained"
 
 
 def test_a_sharded_bf16_branch_with_checkpointing_resumes_from_its_shards(tmp_path):
