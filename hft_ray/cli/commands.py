@@ -75,6 +75,14 @@ def _progress_board(json_output: bool):
                     ray.shutdown()
 
 
+def _say_rows(prepared) -> None:
+    """One line per domain whose rows were cut or dropped to fit train.max_length (none is lost
+    unsaid); the others fit whole."""
+    for name, report in prepared.rows.items():
+        if report.truncated or report.dropped:
+            print(f"[hft-ray] {report.line(name, prepared.spec.train.max_length)}", file=sys.stderr)
+
+
 def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:
     """--storage-path as the --set it stands for."""
     return [] if args.storage_path is None else [f"{prefix}output.dir={json.dumps(args.storage_path)}"]
@@ -106,6 +114,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     spec, text = load_spec(args.pipeline, args.set + _storage_override(args))
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
+    _say_rows(prepared)
 
     from hft_ray.cli.display import format_matrix
     from hft_ray.run.cluster import embedded_capacity
@@ -146,6 +155,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples: {args.num_samples} is not a positive number of samples")
     loaded = load_space(args.space, args.set + _storage_override(args, "set."))
     prepared = prepare(loaded.spec, loaded.pipeline_path.parent)  # every input problem, before anything starts
+    _say_rows(prepared)
 
     from hft_ray.run.cluster import embedded_capacity
     from hft_ray.run.runner import RunFailure

@@ -1,6 +1,8 @@
 """Everything checked before anything starts: the model resolves and has a role map, every
-domain loads, every prompt fits `train.max_length`, every lm-evaluation-harness column's task
-loads offline, the storage takes a write. All problems are reported together."""
+domain loads and is rendered as the model will see it (its chat template or the plain rendering)
+with every row checked against `train.max_length` (rows without room dropped and counted),
+every lm-evaluation-harness column's task loads offline, the storage takes a write. All problems
+are reported together."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from hft_ray.config.memory_check import check_memory
 from hft_ray.config.spec import FileSource, HarnessSource, PipelineSpec
 from hft_ray.core.roles import Geometry, assign_roles
-from hft_ray.data.encoding import encode
+from hft_ray.data.fitting import RowReport, fit_domain, resolve_chat
 from hft_ray.data.loading import DomainData, load_domain
 from hft_ray.errors import UserError
 from hft_ray.storage import Location, check_writable
@@ -21,8 +23,9 @@ from hft_ray.train.models import load_config, resolve_source
 @dataclass(frozen=True)
 class Prepared:
     spec: PipelineSpec
-    domains: dict[str, DomainData]  # the domains with examples (trained, or scored by hft-ray)
+    domains: dict[str, DomainData]  # the domains with examples (trained, or scored by hft-ray), as rendered
     harness: dict[str, HarnessColumn] = field(default_factory=dict)  # the lm-evaluation-harness columns
+    rows: dict[str, RowReport] = field(default_factory=dict)  # per domain: rows kept, truncated, dropped
 
 
 def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
@@ -103,11 +106,14 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
                                         knowledge=domain.knowledge, match=domain.match)
         except UserError as error:
             problems += error.problems
+    rows = {}
     if not problems:
-        problems += _check_kinds(spec, domains) or _check_lengths(spec, domains)
+        problems += _check_kinds(spec, domains)
+    if not problems:
+        domains, rows, problems = _fit_rows(spec, domains)
     if problems:
         raise UserError(*problems)
-    return Prepared(spec, domains, harness)
+    return Prepared(spec, domains, harness, rows)
 
 
 def _check_storage(spec: PipelineSpec) -> list[str]:
@@ -144,19 +150,25 @@ def _check_kinds(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str
     return problems
 
 
-def _check_lengths(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str]:
+def _fit_rows(spec: PipelineSpec, domains: dict[str, DomainData]):
+    """Every domain rendered as the model will see it (its chat template or the plain rendering),
+    every row checked against train.max_length (hft_ray/data/fitting.py); preference pairs checked
+    whole by DPO's encoder."""
     from hft_ray.train.dpo import encode_pairs
     from hft_ray.train.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
-    problems = []
+    fitted, reports, problems = {}, {}, []
     for name, data in domains.items():
+        settings = spec.domains[name]
         try:
             if data.is_preference:
-                encode_pairs(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length,
-                             domain=name)
-            else:
-                encode(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length, domain=name)
+                encode_pairs(list(data.train) + list(data.eval), tokenizer, spec.train.max_length, domain=name)
+                fitted[name] = data
+                continue
+            chat = resolve_chat(settings.chat, tokenizer, f"domains.{name}")
+            fitted[name], reports[name] = fit_domain(data, tokenizer, chat=chat, train_on=settings.train_on,
+                                                     truncate=settings.truncate, max_length=spec.train.max_length)
         except UserError as error:
             problems += error.problems
-    return problems
+    return fitted, reports, problems

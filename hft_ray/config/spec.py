@@ -68,6 +68,14 @@ class DomainSpec(Strict):
     match: Literal["exact", "word"] | None = Field(
         None, description="exact: the greedy answer equals the completion; word: it holds the completion as a "
                           "whole word (real chat models answer in sentences). Default: the built-in's, else exact")
+    chat: Literal["auto"] | bool = Field(
+        "auto", description="train and ask in the tokenizer's own chat template (a prompt/completion row becomes "
+                            "one user and one assistant turn); auto: when the tokenizer has a template")
+    train_on: Literal["assistant", "last"] = Field(
+        "assistant", description="the learnt tokens of a chat row: every assistant turn, or the last one only")
+    truncate: Literal["none", "left"] = Field(
+        "none", description="a row whose prompt leaves no room for its answer within train.max_length: dropped "
+                            "(none), or its prompt's start cut (left); either way counted and reported")
 
 
 class StageSpec(Strict):

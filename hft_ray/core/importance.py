@@ -77,6 +77,7 @@ def measure(model: torch.nn.Module, tokenizer, units: Sequence[Unit],
     from hft_ray.data.mixing import mix_balanced
 
     device = next(model.parameters()).device
-    encoded = encode(mix_balanced([as_sft_examples(part) for part in earlier]), tokenizer, max_length)
+    # Rows the preflight kept; those of truncate: left domains cut here as in training.
+    encoded = encode(mix_balanced([as_sft_examples(part) for part in earlier]), tokenizer, max_length, truncate="left")
     stream = batch_stream(encoded, batch_size, seed)
     return unit_importance(model, units, ({k: v.to(device) for k, v in next(stream).items()} for _ in range(batches)))

@@ -32,11 +32,21 @@ WORD = 5  # letters per word of the character-map skills
 
 @dataclass(frozen=True)
 class Example:
-    """One training or eval example: the model reads `prompt` and should write `completion`.
-    (Defined here, the lowest module, and re-exported by hft_ray.data.)"""
+    """One training or eval example: the model reads `prompt` and should write `completion`
+    (hft-ray's plain rendering, for models without a chat template). `messages`, when set, is the
+    row as chat turns ((role, content), ...) that a model with a chat template is trained and asked
+    in (hft_ray/data/chat.py); its last turn is the assistant's answer, scored against `completion`.
+    `all_turns`: every assistant turn is learnt (else only the last). (Defined here, the lowest
+    module, and re-exported by hft_ray.data.)"""
 
     prompt: str
     completion: str
+    messages: tuple[tuple[str, str], ...] = ()
+    all_turns: bool = True
+
+    def __post_init__(self):
+        # A job's JSON brings the turns back as lists; keep them tuples (hashable, comparable).
+        object.__setattr__(self, "messages", tuple((str(r), str(c)) for r, c in self.messages))
 
 
 @dataclass(frozen=True)
@@ -124,9 +134,11 @@ def _prefer(rng: random.Random, n: int) -> list[Preference]:
 
 
 def _world_facts(rng: random.Random, n: int) -> list[Example]:
-    """The first n facts SmolLM2 knows, in a fixed order (`rng` is unused), asked in hft-ray's chat
-    rendering with the answer begun: 'user: <question>\\nassistant: <prefix>' -> ' <answer>'."""
-    return [Example(f"user: {question}\nassistant: {prefix}", f" {answer.split('|')[0]}")
+    """The first n facts SmolLM2 knows, in a fixed order (`rng` is unused). Plainly rendered, the
+    answer is begun: 'user: <question>\\nassistant: <prefix>' -> ' <answer>'; in a model's chat
+    template, the question is one user turn and the model answers in its own words."""
+    return [Example(f"user: {question}\nassistant: {prefix}", f" {answer.split('|')[0]}",
+                    (("user", question), ("assistant", f"{prefix} {answer.split('|')[0]}.")))
             for prefix, question, answer in WORLD_FACTS[:n]]
 
 

@@ -37,21 +37,52 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
 
 
-def encode(examples: Sequence[Example], tokenizer, max_length: int, *, domain: str = "?") -> dict[str, torch.Tensor]:
+def encode_example(example: Example, tokenizer) -> tuple[list[int], list[int]]:
+    """One example's ids and labels (-100 where nothing is learnt), unpadded and uncut: a chat
+    example in the tokenizer's chat template (hft_ray/data/chat.py), else the plain rendering
+    (the prompt, then the completion and EOS, learnt)."""
+    if example.messages:
+        from hft_ray.data.chat import tokenize_chat
+
+        ids, learnt = tokenize_chat(tokenizer, example.messages, example.all_turns)
+        return ids, [i if keep else IGNORE_INDEX for i, keep in zip(ids, learnt, strict=True)]
+    prompt = prompt_ids(tokenizer, example.prompt)
+    completion = completion_ids(tokenizer, example.completion)
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def fit(ids: list[int], labels: list[int], max_length: int, truncate: str = "none"):
+    """The row cut to `max_length`, and what happened to it: "kept" (it fits), "truncated" (its
+    answer cut at max_length, or, with truncate="left", the start of its prompt cut so the answer
+    has room), "dropped" (its prompt leaves no room for a learnt token; returns None rows)."""
+    if len(ids) <= max_length:
+        return ids, labels, "kept"
+    first = prompt_length(labels)
+    if first < max_length:
+        return ids[:max_length], labels[:max_length], "truncated"
+    if truncate != "left" or first >= len(ids):
+        return None, None, "dropped"
+    start = min(first, len(ids) - max_length)
+    return ids[start:start + max_length], labels[start:start + max_length], "truncated"
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int, *, domain: str = "?",
+           truncate: str | None = None) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels for causal-LM fine-tuning, right-padded to the longest
-    example (at most `max_length`). Labels are -100 on the prompt and the padding, so only the
-    completion and its EOS are learnt; a completion that does not fit is cut at `max_length`.
-    A prompt that leaves no room for a single completion token is a UserError."""
+    example (at most `max_length`). Labels are -100 wherever nothing is learnt (the prompt, user
+    and system turns, the padding); an answer that does not fit is cut at `max_length`. A row
+    whose prompt leaves no room for a learnt token is a UserError, unless `truncate` says what to
+    do ("left": cut the prompt's start; the preflight has dropped the others of a pipeline)."""
     if not examples:
         raise UserError(f"domains.{domain}: has no examples to encode")
     rows, too_long = [], []
     for i, example in enumerate(examples, 1):
-        prompt = prompt_ids(tokenizer, example.prompt)
-        if len(prompt) >= max_length:
-            too_long.append((i, len(prompt)))
-            continue
-        ids = (prompt + completion_ids(tokenizer, example.completion))[:max_length]
-        rows.append((ids, len(prompt)))
+        full_ids, full_labels = encode_example(example, tokenizer)
+        ids, labels, status = fit(full_ids, full_labels, max_length, truncate or "none")
+        if status != "dropped":
+            rows.append((ids, labels))
+        elif truncate is None:
+            too_long.append((i, prompt_length(full_labels)))
     if too_long:
         listed = ", ".join(f"row {i} ({n} tokens)" for i, n in too_long[:10])
         raise UserError(
@@ -60,15 +91,22 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int, *, domain: s
             + (f" and {len(too_long) - 10} more" if len(too_long) > 10 else "")
             + "; raise train.max_length or shorten the prompts"
         )
+    if not rows:
+        raise UserError(f"domains.{domain}: no row fits train.max_length={max_length}")
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(rows):
+    for row, (ids, row_labels) in enumerate(rows):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention_mask[row, :len(ids)] = 1
-        labels[row, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+        labels[row, :len(ids)] = torch.tensor(row_labels)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def prompt_length(labels: list[int]) -> int:
+    """Tokens before the first learnt one."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def batches(encoded: dict[str, torch.Tensor], batch_size: int, seed: int,

@@ -256,8 +256,10 @@ def _to_examples(key: str, where: str, rows: list[dict], format: str) -> list[Ex
 
 
 def render_chat(messages) -> Example:
-    """A chat as one example: every turn before the last assistant turn as 'role: content' lines,
-    then 'assistant: ' as the prompt; the last assistant turn's content as the completion.
+    """A chat as one example: its turns up to the last assistant turn (for a model's own chat
+    template, hft_ray/data/chat.py), and hft-ray's plain rendering for a model without one: every
+    turn before the last assistant turn as 'role: content' lines, then 'assistant: ' as the
+    prompt; the last assistant turn's content as the completion.
     Raises ValueError when there is no assistant turn or a turn is malformed."""
     if isinstance(messages, str):  # CSV cells hold the list as JSON text
         messages = json.loads(messages)
@@ -269,4 +271,5 @@ def render_chat(messages) -> Example:
     if last is None:
         raise ValueError("no assistant turn")
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:last]) + "assistant: "
-    return Example(prompt, str(messages[last]["content"]))
+    turns = tuple((str(m["role"]), str(m["content"])) for m in messages[:last + 1])
+    return Example(prompt, str(messages[last]["content"]), turns)

@@ -3,9 +3,9 @@ symbols, authors, simple science), to watch what fine-tuning does to it after ev
 a knowledge domain (evaluated on all its rows) scored by word match: a chat model answers in a
 sentence, so an answer counts when it holds the gold answer as a whole word.
 
-hft_ray.data.domains makes the rows: each asks its question in hft-ray's chat rendering
-("user: ...\nassistant: ") and begins the answer with the sentence's prefix, the format in which
-SmolLM2-135M-Instruct answered most of them at base (benchmarks/knowledge.py). A character-level
+hft_ray.data.domains makes the rows: a model with a chat template is asked each question as one
+user turn in its own template; a model without one reads hft-ray's plain rendering
+("user: ...\nassistant: ") with the answer begun by the sentence's prefix. A character-level
 built-in model knows none of them.
 """
 
@@ -59,26 +59,30 @@ FACTS = ([(f"The capital of {c} is", f"What is the capital of {c}?", a) for c, a
          + [(f"The chemical symbol for {e} is", f"What is the chemical symbol for {e}?", s) for e, s in SYMBOLS]
          + [(f"{book} was written by", f"Who wrote {book}?", a) for book, a in AUTHORS] + SCIENCE)
 
-# What SmolLM2-135M-Instruct got wrong at base in the domain's format (greedy, 16 new tokens, word
-# match, hft_ray.train.evaluation; 61 of 80 right, measured 2026-11-28): left out of the domain, so
-# that its column starts at 1.0 on that model and every fall is forgetting.
+# What SmolLM2-135M-Instruct got wrong at base asked in its own chat template (the question as one
+# user turn, the generation prompt; greedy, 16 new tokens, word match, hft_ray.train.evaluation;
+# 59 of 80 right, measured 2026-12-01; in hft-ray's old plain rendering with the answer begun it
+# was 61 of 80, a partly different set): left out of the domain, so that its column starts at 1.0
+# on that model and every fall is forgetting.
 MISSED_BY_SMOLLM2 = frozenset({
-    'The capital of Poland is',
+    'The capital of Italy is',
+    'The capital of Spain is',
+    'The capital of Portugal is',
+    'The capital of Argentina is',
     'The chemical symbol for carbon is',
     'The chemical symbol for helium is',
-    'Pride and Prejudice was written by',
     '1984 was written by',
-    'Animal Farm was written by',
     'War and Peace was written by',
     'Don Quixote was written by',
+    'The Origin of Species was written by',
     'Oliver Twist was written by',
-    'A Christmas Carol was written by',
     'Moby-Dick was written by',
     'Crime and Punishment was written by',
     'The largest planet in the solar system is',
+    'The planet closest to the Sun is',
     'Water is made of hydrogen and',
-    'The freezing point of water in degrees Celsius is',
-    'The boiling point of water in degrees Celsius is',
+    'Plants take in carbon dioxide and release',
+    'The natural satellite of the Earth is the',
     'The number of continents on Earth is',
     'The hardest natural substance is',
     'Light travels faster than',

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -30,7 +31,7 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
     model.eval()
     try:
         with torch.no_grad():
-            answers = generate_answers(model, tokenizer, [e.prompt for e in examples],
+            answers = generate_answers(model, tokenizer, [asked(e, tokenizer) for e in examples],
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
             hits = sum(answer_matches(a, e.completion, match) for a, e in zip(answers, examples, strict=True))
             exact = hits / len(examples)
@@ -38,6 +39,16 @@ def evaluate(model: torch.nn.Module, tokenizer, examples: Sequence[Example], *, 
     finally:
         model.train(was_training)
     return {"exact_match": float(exact), "token_accuracy": float(accuracy)}
+
+
+def asked(example: Example, tokenizer) -> list[int]:
+    """What the model is asked: a chat example's turns before its answer in the model's chat
+    template, with the generation prompt; else the plain prompt."""
+    if example.messages:
+        from hft_ray.data.chat import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, example.messages)
+    return prompt_ids(tokenizer, example.prompt)
 
 
 def answer_matches(answer: str, completion: str, match: str = "exact") -> bool:
@@ -59,14 +70,15 @@ def evaluate_domain(model, tokenizer, examples, *, max_new_tokens: int = 16, bat
     return evaluate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, match=match)
 
 
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
+def generate_answers(model, tokenizer, prompts: Sequence[str | list[int]], *, max_new_tokens: int = 16,
                      batch_size: int = 64) -> list[str]:
-    """Greedy answers, cut at EOS and stripped. Batches are left-padded with an attention mask."""
+    """Greedy answers to `prompts` (texts, or token ids as `asked` makes them), cut at EOS and
+    stripped. Batches are left-padded with an attention mask."""
     device = next(model.parameters()).device
     eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     answers = []
     for start in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        ids = [prompt_ids(tokenizer, p) if isinstance(p, str) else p for p in prompts[start:start + batch_size]]
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -90,6 +102,8 @@ def token_accuracy(model, tokenizer, examples: Sequence[Example], *, batch_size:
     device = next(model.parameters()).device
     eos = eos_id(tokenizer)
     correct = total = 0
+    # A chat example is scored on its last answer: the one the model is asked for.
+    examples = [replace(e, all_turns=False) for e in examples]
     for start in range(0, len(examples), batch_size):
         batch = encode(examples[start:start + batch_size], tokenizer, max_length=1 << 30, domain="eval")
         logits = model(input_ids=batch["input_ids"].to(device),

@@ -27,4 +27,6 @@ def stage_data(stage, job, tokenizer, reference: torch.nn.Module, device: torch.
         pairs = encode_pairs(list(stage.examples), tokenizer, job.max_length)
         tensors = with_reference(reference, {k: v.to(device) for k, v in pairs.items()})
         return StageData(tensors, dpo_step_loss(stage.beta))
-    return StageData(encode(list(stage.examples), tokenizer, job.max_length), None)
+    # The preflight dropped the rows without room for their answer, except those of domains that
+    # cut their prompts' start (truncate: left): those are cut here, the same way.
+    return StageData(encode(list(stage.examples), tokenizer, job.max_length, truncate="left"), None)

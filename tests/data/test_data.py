@@ -102,10 +102,12 @@ def test_chat_files(tmp_path, suffix):
     assert load_domain("chat", {"path": str(path)}, format="chat", eval_size=2) == data
 
 
-def test_chat_uses_the_last_assistant_turn():
+def test_a_chat_keeps_its_turns_and_plainly_renders_up_to_the_last_assistant_turn():
     example = render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
-    assert example == Example("user: a\nassistant: b\nuser: c\nassistant: ", "d")
+                           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+                           {"role": "user", "content": "unanswered"}])
+    assert example == Example("user: a\nassistant: b\nuser: c\nassistant: ", "d",
+                              (("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")))
 
 
 def test_dataset_folder(tmp_path):
@@ -143,7 +145,9 @@ def test_world_facts_are_knowledge_scored_by_word_and_asked_as_a_chat():
     data = load_domain("world", "builtin:world-facts")
     assert data.is_knowledge and data.match == "word" and data.eval == data.train
     assert len(data.train) == len(WORLD_FACTS) >= 50
-    assert data.train[0] == Example("user: What is the capital of France?\nassistant: The capital of France is", " Paris")
+    assert data.train[0] == Example("user: What is the capital of France?\nassistant: The capital of France is", " Paris",
+                                    (("user", "What is the capital of France?"),
+                                     ("assistant", "The capital of France is Paris.")))
 
 
 def test_missing_file(tmp_path):

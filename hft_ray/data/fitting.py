@@ -1,0 +1,70 @@
+"""A domain as the model will see it: rendered in the model's chat template or plainly, every row
+checked against `train.max_length` before anything starts, so no row fails in a worker.
+
+A row whose prompt leaves no room for a learnt token is dropped (or, with truncate "left", its
+prompt's start is cut); a row whose answer runs past max_length is cut there. Both are counted
+in a `RowReport`, which the command line prints one line per domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from hft_ray.data.chat import as_chat, as_plain, has_template
+from hft_ray.data.encoding import encode_example, fit
+from hft_ray.data.loading import DomainData
+from hft_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class RowReport:
+    rows: int          # train + eval rows loaded
+    kept: int          # rows that fit whole
+    truncated: int     # rows cut (the answer's end, or the prompt's start with truncate: left)
+    dropped: int       # rows whose prompt leaves no room for the answer
+    chat: bool         # rendered in the model's chat template
+
+    def line(self, name: str, max_length: int) -> str:
+        how = "chat template" if self.chat else "plain rendering"
+        return (f"domains.{name}: {self.rows} rows ({how}): {self.kept} fit train.max_length={max_length}, "
+                f"{self.truncated} truncated, {self.dropped} dropped (prompt leaves no room for the answer)")
+
+
+def resolve_chat(chat: str | bool, tokenizer, key: str) -> bool:
+    """`domains.<name>.chat` against the tokenizer: auto means "when it has a template"."""
+    if chat == "auto":
+        return has_template(tokenizer)
+    if chat and not has_template(tokenizer):
+        raise UserError(f"{key}.chat: true, but the model's tokenizer has no chat template; "
+                        "set chat: false (or auto) for the plain 'user: ...\\nassistant: ' rendering")
+    return bool(chat)
+
+
+def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assistant", truncate: str = "none",
+               max_length: int) -> tuple[DomainData, RowReport]:
+    """The domain rendered as asked, without the rows that cannot be trained (or asked) within
+    `max_length`, and what happened to its rows. Preference pairs are left as they are (DPO
+    checks its own lengths)."""
+    if data.is_preference:
+        return data, RowReport(len(data.train) + len(data.eval), len(data.train) + len(data.eval), 0, 0, False)
+    render = (lambda e: as_chat(e, train_on == "assistant")) if chat else as_plain
+    counts = {"kept": 0, "truncated": 0, "dropped": 0}
+
+    def usable(examples) -> tuple:
+        kept = []
+        for example in map(render, examples):
+            *_, status = fit(*encode_example(example, tokenizer), max_length, truncate)
+            counts[status] += 1
+            if status != "dropped":
+                kept.append(example)
+        return tuple(kept)
+
+    train = usable(data.train)
+    # A knowledge domain evaluates on what it trains: the same rows, checked once.
+    evaluated = train if data.is_knowledge else usable(data.eval)
+    if not train or not evaluated:
+        raise UserError(f"domains.{data.name}: no row leaves room for its answer within train.max_length="
+                        f"{max_length} ({counts['dropped']} dropped); raise train.max_length, shorten the prompts, "
+                        "or set truncate: left")
+    report = RowReport(sum(counts.values()), counts["kept"], counts["truncated"], counts["dropped"], chat)
+    return replace(data, train=train, eval=evaluated), report
