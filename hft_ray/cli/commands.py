@@ -76,8 +76,10 @@ def _progress_board(json_output: bool):
 
 
 def _say_rows(prepared) -> None:
-    """One line per domain whose rows were cut or dropped to fit train.max_length (none is lost
-    unsaid); the others fit whole."""
+    """The defaults chosen for a pretrained model (and rates too high for one), then one line per
+    domain whose rows were cut or dropped to fit train.max_length (none is lost unsaid)."""
+    for note in prepared.spec.notes:
+        print(f"[hft-ray] {note}", file=sys.stderr)
     for name, report in prepared.rows.items():
         if report.truncated or report.dropped:
             print(f"[hft-ray] {report.line(name, prepared.spec.train.max_length)}", file=sys.stderr)
@@ -117,6 +119,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     _say_rows(prepared)
 
     from hft_ray.cli.display import format_matrix
+    from hft_ray.core.scores import describe
     from hft_ray.run.cluster import embedded_capacity
     from hft_ray.run.manifest import resumable
     from hft_ray.run.pipeline import PipelineRun
@@ -140,7 +143,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return 0
     for method, matrix in result.matrices.items():
         print()
-        title = f"{method} ({spec.eval.metric}; * = trained in that stage)"
+        title = f"{method} ({describe(prepared.metrics)}; * = trained in that stage)"
         print(format_matrix(matrix, title, result.summaries[method]))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
           f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
@@ -217,6 +220,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     from hft_ray.cli.display import format_matrix
     from hft_ray.core.metrics import ForgettingMatrix
+    from hft_ray.core.scores import describe
     from hft_ray.run.tracking import latest_pipeline_run, load_artifact_json, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -231,12 +235,13 @@ def run_report(args: argparse.Namespace) -> int:
                      for a in client.list_artifacts(run.info.run_id, "forgetting")
                      if a.path.endswith(".json") and a.path.count(".") == 1)
     report = {"run_id": run.info.run_id, "status": run.info.status, "methods": {}}
+    read = {k.removeprefix("metric."): v for k, v in run.data.params.items() if k.startswith("metric.")}
     for method in methods:
         matrix = ForgettingMatrix.from_dict(load_artifact_json(client, run.info.run_id, f"forgetting/{method}.json"))
         metrics = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{method}.")}
         report["methods"][method] = {"matrix": matrix.to_dict(), "summary": metrics}
         if not args.json:
-            print(format_matrix(matrix, f"{method}:", metrics), end="\n\n")
+            print(format_matrix(matrix, f"{method} ({describe(read)}):" if read else f"{method}:", metrics), end="\n\n")
     if args.json:
         print(json.dumps(report))
     else:

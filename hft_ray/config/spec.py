@@ -5,12 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hft_ray.config.files import read_yaml
+from hft_ray.core.scores import DEFAULT as DEFAULT_METRIC
+from hft_ray.core.scores import NAMES as METRIC_NAMES
 from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 from hft_ray.errors import UserError
 from hft_ray.storage import credentials_in
+
+# A built-in tiny model trains from scratch on character-level suites; a pretrained one is fine-tuned.
+TINY_MODEL_DEFAULTS = {"lr": 1e-3, "max_length": 64, "max_new_tokens": 16}
+REAL_MODEL_DEFAULTS = {"lr": 2e-5, "max_length": 2048, "max_new_tokens": 128}
+
+
+def is_pretrained(source: str) -> bool:
+    """Every model but the built-in tiny ones (builtin:smollm2-135m is the real SmolLM2)."""
+    return not source.startswith("builtin:") or source == "builtin:smollm2-135m"
 
 
 class Strict(BaseModel):
@@ -68,6 +79,9 @@ class DomainSpec(Strict):
     match: Literal["exact", "word"] | None = Field(
         None, description="exact: the greedy answer equals the completion; word: it holds the completion as a "
                           "whole word (real chat models answer in sentences). Default: the built-in's, else exact")
+    metric: Literal[METRIC_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="the score of this domain's column (hft_ray/core/scores.py). Default: eval.metric; "
+                          "word_match instead of exact_match where match is word (world-facts)")
     chat: Literal["auto"] | bool = Field(
         "auto", description="train and ask in the tokenizer's own chat template (a prompt/completion row becomes "
                             "one user and one assistant turn); auto: when the tokenizer has a template")
@@ -87,7 +101,7 @@ class StageSpec(Strict):
 
 
 class TrainSpec(Strict):
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 on a built-in tiny model, 2e-5 on a real one")
     batch_size: int = Field(32, gt=0)
     workers: int = Field(1, gt=0, description="Ray Train workers per branch")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -100,7 +114,8 @@ class TrainSpec(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     memory_gb: float | None = Field(None, gt=0, description="memory per worker on CPU, for the preflight "
                                                             "(on GPUs: what torch reports)")
-    max_length: int = Field(64, gt=0)
+    max_length: int | None = Field(None, gt=0, description="tokens per row; default: 64 on a built-in tiny model, "
+                                                           "2048 on a real one")
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(25, gt=0, description="print the loss every N steps")
     checkpoint_every: int = Field(100, ge=0, description="resumable checkpoint every N steps (0: at the end only)")
@@ -159,8 +174,10 @@ Method = Annotated[FFTMethod | HFTMethod | LoRAMethod | JointMethod, Field(discr
 
 
 class EvalSpec(Strict):
-    metric: Literal["exact_match", "token_accuracy"] = "exact_match"
-    max_new_tokens: int = Field(16, gt=0)
+    metric: Literal[METRIC_NAMES] = Field(  # type: ignore[valid-type]
+        DEFAULT_METRIC, description="the score of every column without its own domains.<name>.metric")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: 16 on a built-in tiny model, 128 on a "
+                                                               "real one")
     max_examples: int = Field(200, gt=0)
     batch_size: int = Field(64, gt=0)
     resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
@@ -197,6 +214,34 @@ class PipelineSpec(Strict):
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()
     output: OutputSpec = OutputSpec()
+
+    _notes: tuple[str, ...] = PrivateAttr(())  # the defaults chosen for the model, and warnings
+
+    @model_validator(mode="after")
+    def _defaults_for_the_model(self):
+        """Unset lr, max_length and max_new_tokens take the values that suit the model: the tiny
+        built-in ones' (trained from scratch), or fine-tuning rates and lengths for a pretrained one."""
+        real = is_pretrained(self.model.source)
+        chosen = REAL_MODEL_DEFAULTS if real else TINY_MODEL_DEFAULTS
+        notes = []
+        for section, key in (("train", "lr"), ("train", "max_length"), ("eval", "max_new_tokens")):
+            part = getattr(self, section)
+            if getattr(part, key) is None:
+                object.__setattr__(part, key, chosen[key])  # frozen for users; filled once, here
+                if real:
+                    notes.append(f"{section}.{key}: {chosen[key]:g} (the default for a pretrained model)")
+        if real:
+            rates = [("train.lr", self.train.lr)]
+            rates += [(f"stages.{i}.lr", stage.lr) for i, stage in enumerate(self.stages) if stage.lr]
+            notes += [f"warning: {key}: {rate:g} is above 1e-3, a rate that rewrites a pretrained model rather than "
+                      "fine-tuning it (typical: 1e-5 to 2e-4)" for key, rate in rates if rate > 1e-3]
+        self._notes = tuple(notes)
+        return self
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Lines to print at the start: defaults chosen for a pretrained model, rates too high for one."""
+        return self._notes
 
     @property
     def experiment(self) -> str:
