@@ -45,7 +45,7 @@ def plain_process(path: str, threads: int) -> dict:
 
     def evaluate_all(model):
         return {n: evaluate(model, tokenizer, ex, max_new_tokens=spec.eval.max_new_tokens,
-                            batch_size=spec.eval.batch_size)[spec.eval.metric] for n, ex in evals.items()}
+                            batch_size=spec.eval.batch_size)[prepared.metrics[n]] for n, ex in evals.items()}
 
     base = load_model(spec.model.source, seed=spec.seed)
     if spec.pretrain:

@@ -12,6 +12,7 @@ from pathlib import Path
 from hft_ray.config.memory_check import check_memory
 from hft_ray.config.spec import FileSource, HarnessSource, PipelineSpec
 from hft_ray.core.roles import Geometry, assign_roles
+from hft_ray.core.scores import column_metric
 from hft_ray.data.fitting import RowReport, fit_domain, resolve_chat
 from hft_ray.data.loading import DomainData, load_domain
 from hft_ray.errors import UserError
@@ -26,6 +27,22 @@ class Prepared:
     domains: dict[str, DomainData]  # the domains with examples (trained, or scored by hft-ray), as rendered
     harness: dict[str, HarnessColumn] = field(default_factory=dict)  # the lm-evaluation-harness columns
     rows: dict[str, RowReport] = field(default_factory=dict)  # per domain: rows kept, truncated, dropped
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The score each column's matrix reads, by domain (README "Metrics"): a harness column's
+        task metric, a preference domain's reward_accuracy, else `column_metric` of the domain's
+        `metric`, eval.metric and its match (the built-in's where the file sets none)."""
+        spec, metrics = self.spec, {}
+        for name, domain in spec.domains.items():
+            data = self.domains.get(name)
+            if name in self.harness:
+                metrics[name] = self.harness[name].metric
+            elif data is not None and data.is_preference:
+                metrics[name] = "reward_accuracy"
+            else:
+                metrics[name] = column_metric(spec.eval.metric, domain.metric, data.match if data else domain.match)
+        return metrics
 
 
 def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
@@ -96,6 +113,8 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
                                    d.source.include_path)
                for name, d in spec.domains.items() if isinstance(d.source, HarnessSource)}
     problems += check_columns(harness)
+    problems += [f"domains.{name}.metric: a harness column is scored by its task's metric; set "
+                 f"domains.{name}.source.metric instead" for name in harness if spec.domains[name].metric]
     domains = {}
     for name, domain in spec.domains.items():
         if name in harness:

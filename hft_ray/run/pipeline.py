@@ -60,7 +60,8 @@ class PipelineRun:
                                   EvalSettings.of(self.prepared), max(1, self.slots // 2))
         runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
                            Scaling.of(t))
-        recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"))
+        recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"),
+                            self.prepared.metrics)
         try:
             scheduler = self._start(runner, recorder)
             self._open_parent_run(recorder)  # while the worker groups start
@@ -68,7 +69,8 @@ class PipelineRun:
                 recorder.record(event)
                 self._act(runner, scheduler.on(event), scheduler)
             rows = {"base": scheduler.base_row, **{b.name: b.rows for b in scheduler.branches.values()}}
-            result = record_results(spec, self.tracker, manifest.parent_run_id, self.output_dir, rows)
+            result = record_results(spec, self.tracker, manifest.parent_run_id, self.output_dir, rows,
+                                    self.prepared.metrics)
         except BaseException as error:
             recorder.fail(str(error) or type(error).__name__)
             raise
@@ -82,9 +84,10 @@ class PipelineRun:
         if manifest.parent_run_id:
             self.tracker.reopen(manifest.parent_run_id, manifest.attempt)
         else:
+            # params: the flattened spec, and `metric.<domain>`, the score each column's matrix reads
             manifest.parent_run_id = self.tracker.start_pipeline(
-                spec.name, spec.model_dump(mode="json"), self.pipeline_text, spec.model_dump(mode="json"),
-                str(self.output_dir))
+                spec.name, {**spec.model_dump(mode="json"), "metric": self.prepared.metrics}, self.pipeline_text,
+                spec.model_dump(mode="json"), str(self.output_dir))
         recorder.opened(manifest.parent_run_id)
         manifest.save()
         self.board.say(f"[hft-ray] MLflow parent run {manifest.parent_run_id} in experiment {spec.experiment!r} "

@@ -18,9 +18,10 @@ from hft_ray.train.stage import PLAN_FILE
 
 class Recorder:
     def __init__(self, spec: PipelineSpec, planner: Planner, manifest: Manifest, tracker: Tracker, board: Board,
-                 logs: str):
+                 logs: str, metrics: dict[str, str]):
         self.spec, self.planner, self.manifest, self.tracker, self.board = spec, planner, manifest, tracker, board
         self.logs = logs
+        self.metrics = metrics  # the score each column's matrix reads, by domain
         self.open_runs: set[str] = set()
         self.system: dict[str, SystemMetrics] = {}
         self.handlers = {StageStarted: self.stage_started, StageResumed: self.stage_resumed,
@@ -124,9 +125,8 @@ class Recorder:
 
     def stage_evaluated(self, event: StageEvaluated) -> None:
         entry = self.manifest.stage(event.branch, event.stage)
-        metric = self.spec.eval.metric
         self.tracker.log_metrics(entry["run_id"], {
-            **{f"eval/{d}": s[metric] for d, s in event.row.items()},
+            **{f"eval/{d}": s[self.metrics[d]] for d, s in event.row.items()},
             **{f"eval_all/{d}/{m}": v for d, s in event.row.items() for m, v in s.items()}})
         self.tracker.tag_node(entry["run_id"], "eval", event.node)
         for name, report in event.reports.items():
@@ -151,7 +151,7 @@ class Recorder:
         raise RunFailure(f"{event.branch} failed: {event.reason}; logs under {self.logs}")
 
     def _row_text(self, row: dict) -> str:
-        return "  ".join(f"{d}={s[self.spec.eval.metric]:.2f}" for d, s in row.items())
+        return "  ".join(f"{d}={s[self.metrics[d]]:.2f}" for d, s in row.items())
 
     def fail(self, reason: str) -> None:
         """End every open run FAILED with `reason` (never leave one RUNNING)."""

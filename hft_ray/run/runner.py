@@ -58,7 +58,6 @@ class EvalSettings:
     max_new_tokens: int
     batch_size: int
     use_gpu: bool
-    matches: dict[str, str] = field(default_factory=dict)  # domain -> "word" where not "exact"
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per evaluator
     harness: dict[str, HarnessColumn] = field(default_factory=dict)  # columns lm-evaluation-harness scores
 
@@ -66,13 +65,13 @@ class EvalSettings:
     def of(cls, prepared: Prepared) -> EvalSettings:
         """As a prepared pipeline asks."""
         spec = prepared.spec
-        return cls(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu,
-                   {n: d.match for n, d in prepared.domains.items()}, dict(spec.eval.resources), prepared.harness)
+        return cls(spec.eval.max_new_tokens, spec.eval.batch_size, spec.train.use_gpu, dict(spec.eval.resources),
+                   prepared.harness)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    row: dict[str, dict[str, float]]   # domain -> metric -> score
+    row: dict[str, dict[str, float]]   # domain -> metric -> score (every name of hft_ray/core/scores.py)
     node: str                          # the Ray node that evaluated it
     reports: dict[str, dict]           # harness column -> lm-evaluation-harness's whole result
 
@@ -82,6 +81,7 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Pre
     """The checkpoint's row (its scores on every domain), and the harness's reports."""
     import torch
 
+    from hft_ray.core.scores import filled
     from hft_ray.train.checkpoints import load_checkpoint
     from hft_ray.train.evaluation import evaluate_domain
     from hft_ray.train.harness import evaluate_harness
@@ -91,13 +91,13 @@ def evaluate_checkpoint(checkpoint: str, eval_sets: dict[str, list[Example | Pre
     if settings.use_gpu:
         model.to("cuda")
     row = {name: evaluate_domain(model, tokenizer, examples, max_new_tokens=settings.max_new_tokens,
-                                 batch_size=settings.batch_size, match=settings.matches.get(name, "exact"))
+                                 batch_size=settings.batch_size)
            for name, examples in eval_sets.items()}
     reports = {}
     for name, column in settings.harness.items():
         score, reports[name] = evaluate_harness(model, tokenizer, column, settings.batch_size)
         # Its one score fills every cell kind, as reward accuracy does for a preference domain.
-        row[name] = {"exact_match": score, "token_accuracy": score, column.metric: score}
+        row[name] = filled(score, **{column.metric: score})
     return row, reports
 
 
@@ -113,7 +113,10 @@ class Evaluator:
     def __init__(self, eval_sets: dict[str, list[Example | Preference]], settings: EvalSettings):
         import torch
 
+        from hft_ray.core.scores import rouge_l
+
         torch.set_num_threads(1)
+        rouge_l("", "")  # rouge-score imports nltk (seconds): here, while the driver sets up
         self.eval_sets, self.settings = eval_sets, settings
 
     def evaluate(self, checkpoint: str) -> Evaluation:

@@ -41,13 +41,15 @@ class TrialContext:
     services: Services
     folder: str                # the search's folder: a trial's checkpoints go under folder/<trial id>
     objective: Objective
+    metrics: dict[str, str]    # the score each column's matrix reads, by domain
 
 
 class TrialReport:
     """The metrics of each stage as its row arrives, reported to Tune in stage order."""
 
-    def __init__(self, spec, base_row: dict, objective: Objective, state: dict):
+    def __init__(self, spec, base_row: dict, objective: Objective, state: dict, metrics: dict[str, str]):
         self.spec, self.base_row, self.objective, self.state = spec, base_row, objective, state
+        self.metrics = metrics
         self.trained: dict[int, dict] = {}  # stage -> what its training gave (this attempt)
 
     def stage_started(self, event: StageStarted) -> None:
@@ -68,12 +70,11 @@ class TrialReport:
             self._report(self.state["reported"])
 
     def _report(self, stage: int) -> None:
-        metric = self.spec.eval.metric
         rows = [self.base_row] + [self.state["rows"][str(i)] for i in range(1, stage + 1)]
-        matrix = build_matrix(self.spec, rows, metric)
+        matrix = build_matrix(self.spec, rows, self.metrics)
         values = summary(matrix)
         metrics = {"stage": stage, "objective": objective_value(self.objective, values), **values,
-                   **{f"eval/{d}": s[metric] for d, s in rows[-1].items()},
+                   **{f"eval/{d}": s[self.metrics[d]] for d, s in rows[-1].items()},
                    **self.trained.get(stage, {}), "matrix": json.dumps(matrix.to_dict())}
         # ASHA may stop the trial at this report (its actor is killed): everything the driver
         # logs for this stage travels in it.
@@ -97,7 +98,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
     t = spec.train
     runner = RayRunner(context.services, trial_id, str(Location(context.folder) / "ray"),
                        Scaling.of(t))
-    report = TrialReport(spec, context.base_row, context.objective, state)
+    report = TrialReport(spec, context.base_row, context.objective, state, context.metrics)
     handlers = {StageStarted: report.stage_started, StageTrained: report.stage_trained,
                 StageEvaluated: report.evaluated}
 

@@ -116,7 +116,8 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
         resume.parent_run_id = tracker.start_search(
             spec.name, f"tune {loaded.pipeline_path.stem}",
             {"space": space.model_dump(mode="json", exclude={"set"}), "pipeline": str(loaded.pipeline_path),
-             "num_samples": samples, **{f"set.{k}": v for k, v in flatten_set(space.set).items()}},
+             "num_samples": samples, **{f"set.{k}": v for k, v in flatten_set(space.set).items()},
+             "metric": prepared.metrics},  # metric.<domain>: the score each column's matrix reads
             {"space.yaml": loaded.text, "pipeline.yaml": yaml.safe_dump(loaded.pipeline_data, sort_keys=False)},
             str(resume.folder))
     else:
@@ -154,8 +155,8 @@ def _base(prepared: Prepared, manifest: Manifest, services: Services, board: Boa
         runner.evaluate(Evaluate(None, 0, base["checkpoint"]))
         base["scores"] = next(e.row for e in runner.events() if isinstance(e, BaseEvaluated))
         manifest.save()
-    metric = spec.eval.metric
-    board.say("[hft-ray] base: " + "  ".join(f"{d}={s[metric]:.2f}" for d, s in base["scores"].items()))
+    metrics = prepared.metrics
+    board.say("[hft-ray] base: " + "  ".join(f"{d}={s[metrics[d]]:.2f}" for d, s in base["scores"].items()))
     return base["checkpoint"], base["scores"]
 
 
@@ -164,7 +165,7 @@ def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, boa
     spec, space = prepared.spec, loaded.space
     checkpoint, row = _base(prepared, manifest, services, board, have)
     context = TrialContext(loaded.pipeline_data, prepared.domains, checkpoint, row, services, str(manifest.folder),
-                           space.objective)
+                           space.objective, prepared.metrics)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     path = manifest.folder / "tune"
     storage, filesystem = manifest.folder.for_ray()  # Tune's storage: the search's folder or prefix

@@ -87,7 +87,15 @@ CASES = [
     ("model code not trusted", {"model": {"source": "./custom"}}, ["model.trust_remote_code: true"]),
     ("negative lr", {"train": {"lr": -0.1}}, ["train.lr: Input should be greater than 0"]),
     ("unknown eval metric", {"eval": {"metric": "bleu"}},
-     ["eval.metric: Input should be 'exact_match' or 'token_accuracy'"]),
+     ["eval.metric: Input should be 'exact_match', 'word_match', 'token_accuracy', 'rouge_l' or 'loss' (got 'bleu')"]),
+    ("unknown domain metric", {"domains": {"a": {"source": "builtin:upper", "metric": "f1"},
+                                           "b": {"source": {"path": "b.jsonl"}}}},
+     ["domains.a.metric: Input should be 'exact_match', 'word_match', 'token_accuracy', 'rouge_l' or 'loss' "
+      "(got 'f1')"]),
+    ("metric on a harness column", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "b.jsonl"}},
+                                                "h": {"source": {"harness": "upper_mc", "include_path": "tasks"},
+                                                      "metric": "rouge_l"}}},
+     ["domains.h.metric: a harness column is scored by its task's metric; set domains.h.source.metric instead"]),
     ("negative checkpoint_every", {"train": {"checkpoint_every": -5}}, ["train.checkpoint_every"]),
     ("negative max_failures", {"train": {"max_failures": -1}}, ["train.max_failures"]),
     ("credentials in a storage URI", {"output": {"dir": "s3://KEY:hunter2@bucket/runs"}},
@@ -186,3 +194,29 @@ def test_several_problems_are_reported_together(tmp_path):
 def test_the_good_file_itself_is_accepted(tmp_path):
     spec, _ = load_spec(_write(tmp_path, {}))
     assert prepare(spec, tmp_path).domains["b"].train
+
+
+@pytest.mark.parametrize("default,read", [
+    (None, {"a": "exact_match", "b": "rouge_l", "w": "word_match", "m": "word_match", "e": "exact_match"}),
+    ("token_accuracy", {"a": "token_accuracy", "b": "rouge_l", "w": "token_accuracy", "m": "token_accuracy",
+                        "e": "token_accuracy"}),
+])
+def test_each_column_reads_its_own_metric_in_the_matrix(tmp_path, default, read):
+    """domains.<name>.metric first; else eval.metric, where exact_match becomes word_match for a
+    domain matched as words (world-facts by default, `match: word`); every cell holds every score."""
+    from hft_ray.core.scores import NAMES
+    from hft_ray.run.results import build_matrix
+
+    domains = {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "b.jsonl"}, "metric": "rouge_l"},
+               "w": {"source": "builtin:world-facts"}, "m": {"source": "builtin:caesar", "match": "word"},
+               "e": {"source": "builtin:world-facts", "match": "exact"}}
+    spec, _ = load_spec(_write(tmp_path, {"domains": domains, "train": {"max_length": 512},
+                                          "eval": {"metric": default} if default else None}))
+    metrics = prepare(spec, tmp_path).metrics
+    assert metrics == read
+    rows = [{c: {name: (10 * r + i) / 100 for i, name in enumerate(NAMES)} for c in domains} for r in range(3)]
+    matrix, columns = build_matrix(spec, rows, metrics), list(spec.domains)
+    assert matrix.columns == tuple(columns)
+    assert matrix.scores == tuple(tuple(rows[r][c][read[c]] for c in columns) for r in range(3))
+    assert build_matrix(spec, rows, "loss").scores == tuple(tuple(rows[r][c]["loss"] for c in columns)
+                                                            for r in range(3))
