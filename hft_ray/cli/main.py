@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_select(sub)
     _add_run_and_tune(sub)
+    _add_data(sub)
     _add_submit(sub)
     _add_ui_and_report(sub)
     return parser
@@ -81,6 +82,20 @@ def _add_run_and_tune(sub) -> None:
     _add_run_options(tune, "continue the newest unfinished search of this space's pipeline (or RUN_ID) after its "
                            "driver died: finished trials are kept, their MLflow runs reused")
     tune.set_defaults(handler=commands.run_tune)
+
+
+def _add_data(sub) -> None:
+    from hft_ray.cli.data_view import run_data
+
+    data = sub.add_parser("data", help="what each stage will train on, without training: rows, tokens, lengths, "
+                                       "rows cut or dropped, padding, the first rows with their learnt tokens")
+    data.add_argument("pipeline", metavar="PIPELINE.yaml")
+    data.add_argument("--domain", action="append", default=[], metavar="NAME", help="only this domain (repeatable)")
+    data.add_argument("--rows", type=int, default=3, metavar="N", help="show the first N training rows (default 3)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                      help="override a key of the file (repeatable)")
+    data.add_argument("--json", action="store_true", help="print one JSON object on stdout (a contract)")
+    data.set_defaults(handler=run_data)
 
 
 def _add_submit(sub) -> None:

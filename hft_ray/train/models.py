@@ -11,6 +11,7 @@ A model source is one of
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import string
 from dataclasses import dataclass
@@ -157,6 +158,13 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
+    """The model's tokenizer, loaded once per process (a GGUF file's takes tens of seconds to read);
+    nothing in hft-ray changes a tokenizer after loading it."""
+    return _tokenizer(source, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str, trust_remote_code: bool) -> transformers.PreTrainedTokenizerBase:
     resolved = resolve_source(source)
     if resolved.is_builtin:
         return char_tokenizer()
