@@ -132,11 +132,15 @@ def evaluate_harness(model, tokenizer, column: HarnessColumn, batch_size: int) -
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from hft_ray.data.chat import has_template
+
     with _offline_in(_task_folder(column)):
         result = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                                  tasks=[column.task], num_fewshot=column.num_fewshot, limit=column.limit,
                                  task_manager=task_manager(column.include_path), log_samples=True,
-                                 random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+                                 random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+                                 # an instruct model is asked in its own chat template, as hft-ray's columns are
+                                 apply_chat_template=has_template(tokenizer))
     scores = result["results"][column.task]
     value = next(v for k, v in scores.items() if k.split(",")[0] == column.metric)  # "acc,none": the unfiltered
     return float(value), json.loads(json.dumps(result, default=str))
