@@ -8,20 +8,26 @@ import torch
 
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.selection import SelectionPlan, select
-from hft_ray.train.models import SMOLLM2, load_model, smollm2_gguf_path
+from hft_ray.train.models import BUILTIN_CONFIGS, SMOLLM2, load_model, meta_model, smollm2_gguf_path
 
 
 def hft_ray(*args):
     return subprocess.run(["hft-ray", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "builtin:tiny-gpt-neox", "tiny-phi3"])
+# Every built-in architecture, named with and without the builtin: prefix in turn.
+BUILTINS = [name if i % 2 else f"builtin:{name}" for i, name in enumerate(sorted(BUILTIN_CONFIGS))]
+
+
+@pytest.mark.parametrize("model", BUILTINS)
 def test_select_prints_a_json_plan_that_loads_back(model):
     result = hft_ray("select", model, "--granularity", "category", "--seed", "3", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     plan = SelectionPlan.from_dict(data)
     assert plan.seed == 3 and plan.granularity == "category"
+    assert plan.model_type == BUILTIN_CONFIGS[model.removeprefix("builtin:")]().model_type
+    assert plan == select(meta_model(model), "category", 0.5, seed=3), "the plan the package draws in process"
     assert data["fractions"]["by_matrices"]["selectable"] == 0.5
 
 

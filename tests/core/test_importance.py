@@ -26,7 +26,8 @@ def _encoded(kind: str, n: int, seed: int = 0, model: str = "builtin:tiny-llama"
 def _squared_grads(model, batch) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(model(**batch).loss, list(params.values()), allow_unused=True)
-    return {name: (g if g is not None else torch.zeros_like(p)) ** 2 for (name, p), g in zip(params.items(), grads, strict=True)}
+    return {name: (g if g is not None else torch.zeros_like(p)) ** 2
+            for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
 @pytest.mark.parametrize("source", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
@@ -141,7 +142,8 @@ def test_element_granularity_has_no_importance_rule(llama_units):
 def test_freezing_what_a_domain_needs_most_keeps_more_of_it_than_freezing_what_it_needs_least():
     """Learn `upper`, measure importance on it, then learn `atbash` under the importance plan, its
     mirror image (train the most important half) and the random draw: `upper` must suffer least
-    under the importance plan. (Measured: upper loss 0.93 vs 6.99 mirrored vs 3.33 random.)"""
+    under the importance plan. The losses themselves, measured here (one thread, as conftest sets;
+    the same on two), are held to 5%: upper loss 0.93 importance, 3.33 random, 7.08 mirrored."""
     torch.manual_seed(0)
     learnt = load_model("builtin:tiny-llama", seed=0)
     upper, atbash = _encoded("upper", 512), _encoded("atbash", 512, seed=1)
@@ -163,3 +165,5 @@ def test_freezing_what_a_domain_needs_most_keeps_more_of_it_than_freezing_what_i
                                                 scores={k: -v for k, v in scores.items()}))
     drawn = upper_loss_after_atbash(plan_units(units, "llama", "category", 0.5))
     assert protect < 0.5 * mirror and protect < drawn, (protect, mirror, drawn)
+    losses = {"importance": protect, "random": drawn, "mirror": mirror}
+    assert losses == pytest.approx({"importance": 0.93, "random": 3.33, "mirror": 7.08}, rel=0.05), losses
