@@ -133,7 +133,7 @@ CASES = [
     ("more world facts than there are",
      {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": "builtin:caesar"},
                   "w": {"source": "builtin:world-facts", "train_size": 100}}},
-     ["domains.w: builtin:world-facts has 61 distinct examples; train_size 100 asks for 100; lower them"]),
+     ["domains.w: builtin:world-facts has 59 distinct examples; train_size 100 asks for 100; lower them"]),
     ("unknown answer match", {"domains": {"a": {"source": "builtin:upper", "match": "fuzzy"}}},
      ["domains.a.match: Input should be 'exact' or 'word'"]),
     ("unknown precision", {"train": {"precision": "fp16"}},
