@@ -8,20 +8,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hft_ray.config.files import read_yaml
+from hft_ray.config.model_defaults import fill_model_defaults
 from hft_ray.core.scores import DEFAULT as DEFAULT_METRIC
 from hft_ray.core.scores import NAMES as METRIC_NAMES
 from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 from hft_ray.errors import UserError
 from hft_ray.storage import credentials_in
-
-# A built-in tiny model trains from scratch on character-level suites; a pretrained one is fine-tuned.
-TINY_MODEL_DEFAULTS = {"lr": 1e-3, "max_length": 64, "max_new_tokens": 16}
-REAL_MODEL_DEFAULTS = {"lr": 2e-5, "max_length": 2048, "max_new_tokens": 128}
-
-
-def is_pretrained(source: str) -> bool:
-    """Every model but the built-in tiny ones (builtin:smollm2-135m is the real SmolLM2)."""
-    return not source.startswith("builtin:") or source == "builtin:smollm2-135m"
 
 
 class Strict(BaseModel):
@@ -219,28 +211,12 @@ class PipelineSpec(Strict):
 
     @model_validator(mode="after")
     def _defaults_for_the_model(self):
-        """Unset lr, max_length and max_new_tokens take the values that suit the model: the tiny
-        built-in ones' (trained from scratch), or fine-tuning rates and lengths for a pretrained one."""
-        real = is_pretrained(self.model.source)
-        chosen = REAL_MODEL_DEFAULTS if real else TINY_MODEL_DEFAULTS
-        notes = []
-        for section, key in (("train", "lr"), ("train", "max_length"), ("eval", "max_new_tokens")):
-            part = getattr(self, section)
-            if getattr(part, key) is None:
-                object.__setattr__(part, key, chosen[key])  # frozen for users; filled once, here
-                if real:
-                    notes.append(f"{section}.{key}: {chosen[key]:g} (the default for a pretrained model)")
-        if real:
-            rates = [("train.lr", self.train.lr)]
-            rates += [(f"stages.{i}.lr", stage.lr) for i, stage in enumerate(self.stages) if stage.lr]
-            notes += [f"warning: {key}: {rate:g} is above 1e-3, a rate that rewrites a pretrained model rather than "
-                      "fine-tuning it (typical: 1e-5 to 2e-4)" for key, rate in rates if rate > 1e-3]
-        self._notes = tuple(notes)
+        """Unset lr, max_length and max_new_tokens take the model's defaults (model_defaults.py)."""
+        self._notes = fill_model_defaults(self)
         return self
 
     @property
-    def notes(self) -> tuple[str, ...]:
-        """Lines to print at the start: defaults chosen for a pretrained model, rates too high for one."""
+    def notes(self) -> tuple[str, ...]:  # to print at the start: defaults chosen, rates too high
         return self._notes
 
     @property

@@ -4,7 +4,8 @@ rate that would rewrite it."""
 
 import pytest
 
-from hft_ray.config.spec import REAL_MODEL_DEFAULTS, TINY_MODEL_DEFAULTS, parse_spec
+from hft_ray.config.model_defaults import REAL_MODEL_DEFAULTS, TINY_MODEL_DEFAULTS
+from hft_ray.config.spec import parse_spec
 
 
 def pipeline(source: str, train: dict | None = None, stage_lr: float | None = None) -> dict:
