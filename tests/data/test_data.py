@@ -74,7 +74,8 @@ def test_skill_examples_are_what_their_description_says():
 
 
 def test_unknown_builtin_lists_the_known_ones():
-    with pytest.raises(UserError, match=r"domains\.x\.source: 'builtin:nope' is not a built-in domain; .*builtin:facts"):
+    unknown = r"domains\.x\.source: 'builtin:nope' is not a built-in domain; .*builtin:facts"
+    with pytest.raises(UserError, match=unknown):
         load_domain("x", "builtin:nope")
 
 
@@ -134,7 +135,8 @@ def test_a_file_marked_knowledge_in_the_pipeline_is_evaluated_on_its_training_ro
                                    "held": {"source": {"path": str(path)}}},
                        "stages": [{"domain": "mine", "steps": 1}], "methods": {"fft": {"kind": "fft"}}})
     domains = prepare(spec).domains
-    assert domains["mine"].is_knowledge and domains["mine"].eval == domains["mine"].train and len(domains["mine"].eval) == 20
+    mine = domains["mine"]
+    assert mine.is_knowledge and mine.eval == mine.train and len(mine.eval) == 20
     assert domains["mine"].match == "word" and domains["held"].match == "exact"
     assert not set(domains["held"].eval) & set(domains["held"].train)
 
@@ -145,9 +147,9 @@ def test_world_facts_are_knowledge_scored_by_word_and_asked_as_a_chat():
     data = load_domain("world", "builtin:world-facts")
     assert data.is_knowledge and data.match == "word" and data.eval == data.train
     assert len(data.train) == len(WORLD_FACTS) >= 50
-    assert data.train[0] == Example("user: What is the capital of France?\nassistant: The capital of France is", " Paris",
-                                    (("user", "What is the capital of France?"),
-                                     ("assistant", "The capital of France is Paris.")))
+    plain = "user: What is the capital of France?\nassistant: The capital of France is"
+    assert data.train[0] == Example(plain, " Paris", (("user", "What is the capital of France?"),
+                                                      ("assistant", "The capital of France is Paris.")))
 
 
 def test_missing_file(tmp_path):
