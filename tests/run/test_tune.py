@@ -1,5 +1,6 @@
 """`hft-ray tune`: every shipped space file loads; bad ones exit 2 before Ray starts; the smoke
-search end to end on real Ray Tune, Ray Train and MLflow (sqlite), read back with MlflowClient."""
+search end to end on real Ray Tune, Ray Train and MLflow (sqlite), read back with MlflowClient;
+ASHA stopping a trial that cannot learn; a search resumed after its driver was killed."""
 
 import csv
 import io
@@ -54,19 +55,24 @@ CASES = [
     ("unknown granularity", {"space": {"granularity": ["rows"]}},
      ["space.granularity", "'rows'", "'category', 'layer', 'model' or 'element'"]),
     ("ratio outside (0,1)", {"space": {"ratio": [0.5, 1.5]}}, ["space.ratio", "less than 1", "1.5"]),
-    ("sampler not for the key", {"space": {"seed": {"uniform": [1, 2]}}}, ["space.seed.uniform: not for seed", "choice"]),
-    ("two samplers", {"space": {"ratio": {"choice": [0.5], "uniform": [0.1, 0.2]}}}, ["space.ratio: give exactly one of"]),
-    ("bad choice", {"space": {"granularity": {"choice": ["rows"]}}}, ["space.granularity.choice: ['rows'] not valid", "layer"]),
+    ("sampler not for the key", {"space": {"seed": {"uniform": [1, 2]}}},
+     ["space.seed.uniform: not for seed", "choice"]),
+    ("two samplers", {"space": {"ratio": {"choice": [0.5], "uniform": [0.1, 0.2]}}},
+     ["space.ratio: give exactly one of"]),
+    ("bad choice", {"space": {"granularity": {"choice": ["rows"]}}},
+     ["space.granularity.choice: ['rows'] not valid", "layer"]),
     ("bad uniform", {"space": {"ratio": {"uniform": [0.8, 0.2]}}}, ["space.ratio.uniform: [0.8, 0.2]", "low < high"]),
     ("bad strategy", {"space": {"strategy": ["fisher"]}}, ["space.strategy", "'random' or 'importance'"]),
-    ("importance beside element", {"space": {"strategy": ["random", "importance"], "granularity": ["layer", "element"]}},
+    ("importance beside element",
+     {"space": {"strategy": ["random", "importance"], "granularity": ["layer", "element"]}},
      ["space.strategy: 'importance' ranks whole matrices and cannot pair with granularity element"]),
     ("importance beside re-selection", {"space": {"strategy": {"choice": ["importance"]}, "reselect_every": [0, 5]}},
      ["space.strategy: 'importance' draws one plan per stage and cannot pair with reselect_every > 0"]),
     ("unknown objective", {"objective": {"metric": "accuracy"}},
      ["objective.metric", "'accuracy'", "'OP', 'BWT', 'forgetting', 'heldout_delta' or 'OP+BWT'"]),
     ("unknown scheduler", {"scheduler": "hyperband"}, ["scheduler.kind: 'hyperband'", "fifo or asha"]),
-    ("zero grace period", {"scheduler": {"kind": "asha", "grace_period": 0}}, ["scheduler.grace_period", "greater than 0"]),
+    ("zero grace period", {"scheduler": {"kind": "asha", "grace_period": 0}},
+     ["scheduler.grace_period", "greater than 0"]),
     ("missing pipeline", {"pipeline": "nope.yaml"}, ["pipeline: 'nope.yaml' does not exist"]),
     ("set names nothing", {"set": {"stages.7.steps": 3}}, ["set.stages.7.steps: 3 does not name an entry"]),
     ("set breaks the pipeline", {"set": {"train.lr": -1}}, ["smoke.yaml (after set): train.lr", "greater than 0"]),
@@ -109,7 +115,7 @@ def test_search_logs_parent_and_one_child_run_per_trial(finished_search):
     assert parent.info.status == "FINISHED" and parent.data.tags["hft.kind"] == "tune"
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) >= 3
+    assert len(children) == 4
     for child in children:
         assert child.data.tags["hft.kind"] == "trial"
         assert child.data.params["granularity"] == "category" and child.data.params["ratio"] in ("0.25", "0.75")
@@ -156,40 +162,147 @@ def test_the_best_trials_pipeline_file_trains_the_same_matrix_with_hft_ray_run(f
     assert again["methods"]["best"]["matrix"] == best["matrix"]
 
 
-def test_a_search_whose_driver_died_is_resumed_without_duplicate_runs(tmp_path):
-    """Two trials one at a time; the driver is killed once the first has reported stage 1, then
-    `hft-ray tune --resume` finishes the search in the same MLflow runs."""
-    import re
-    import signal
+def _search(tmp_path: Path, space: dict) -> tuple[list[str], str]:
+    """A space on the smoke pipeline (stages' steps set by the caller), written to tmp_path, and
+    the `hft-ray tune --json` command line and tracking URI for it."""
     import sys
 
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "pipeline": str(ROOT / "pipelines" / "smoke.yaml"),
-        "set": {"stages.0.steps": 30, "stages.1.steps": 30, "eval.metric": "token_accuracy",
-                "output.dir": str(tmp_path / "runs")},
-        "space": {"ratio": [0.25, 0.75]}, "objective": {"metric": "OP"}, "max_concurrent": 1}))
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": str(ROOT / "pipelines" / "smoke.yaml"), **space}))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [sys.executable, "-m", "hft_ray", "tune", str(space), "--tracking-uri", uri, "--json"]
+    return [sys.executable, "-m", "hft_ray", "tune", str(path), "--tracking-uri", uri, "--json"], uri
+
+
+def test_asha_stops_the_trial_that_cannot_learn(tmp_path):
+    """Two trials one at a time, the pipeline's lr then 1e-7. Stage 1 (150 steps, enough for
+    lr 2e-3 to start on `upper`) leaves the 1e-7 trial at the base model's score: ASHA (grace
+    period 1, reduction factor 2) stops it after stage 1, below the median of the two."""
+    command, uri = _search(tmp_path, {
+        "set": {"stages.0.steps": 150, "stages.1.steps": 10, "eval.metric": "token_accuracy",
+                "output.dir": str(tmp_path / "runs")},
+        "space": {"lr": [2.0e-3, 1.0e-7]}, "objective": {"metric": "OP"}, "max_concurrent": 1,
+        "scheduler": {"kind": "asha", "grace_period": 1}})
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    print(f"asha search: {time.perf_counter() - started:.0f}s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, client = json.loads(result.stdout), MlflowClient(uri)
+    parent = client.get_run(out["parent_run_id"])
+    runs = {float(r.data.params["lr"]): r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(runs) == {2e-3, 1e-7}
+    good, bad = runs[2e-3], runs[1e-7]
+    stage1 = {lr: client.get_metric_history(r.info.run_id, "objective")[0] for lr, r in runs.items()}
+    assert stage1[1e-7].step == stage1[2e-3].step == 1
+    assert stage1[1e-7].value < stage1[2e-3].value, "the space must make one trial clearly worse"
+    assert bad.info.status == "KILLED" and bad.data.tags["hft.stopped_early"] == "true"
+    assert [m.step for m in client.get_metric_history(bad.info.run_id, "objective")] == [1]
+    assert good.info.status == "FINISHED" and good.data.tags["hft.stopped_early"] == "false"
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "objective")] == [1, 2]
+    assert f"trial {bad.data.tags['hft.trial_id']} stopped early after stage 1 (scheduler)" in result.stderr
+    rows = {float(r["lr"]): r for r in out["trials"]}
+    assert rows[1e-7]["status"] == "stopped_early" and rows[1e-7]["stages_done"] == 1
+    assert rows[2e-3]["status"] == "finished" and out["best"]["run_id"] == good.info.run_id
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _mlflow_record(client: MlflowClient, run_id: str) -> dict:
+    """All a trial's child run holds: status and times, params, tags, every metric's full history
+    (value, step, timestamp) and its artifacts."""
+    run = client.get_run(run_id)
+
+    def artifacts(path=None):
+        return [x for a in client.list_artifacts(run_id, path) for x in (artifacts(a.path) if a.is_dir else [a.path])]
+
+    return {"status": run.info.status, "start": run.info.start_time, "end": run.info.end_time,
+            "params": run.data.params, "tags": run.data.tags, "artifacts": artifacts(),
+            "metrics": {k: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k)]
+                        for k in run.data.metrics}}
+
+
+def _restorable_stage(tune_dir: Path, trial_id: str) -> int:
+    """The stage a `Tuner.restore` of the search saved under `tune_dir` would resume the trial
+    after (Tune's saved state holds that report and its checkpoint); 0 if none (yet)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(tune_dir)).trials
+    except Exception:  # no state saved yet, or one half written
+        return 0
+    trial = next((t for t in trials if t.trial_id == trial_id), None)
+    return int(trial.last_result.get("stage", 0)) if trial is not None and trial.checkpoint else 0
+
+
+def test_a_search_whose_driver_died_is_resumed_without_duplicate_runs(tmp_path):
+    """Two trials one at a time. The second reports stage 1 (the first has FINISHED); once Tune's
+    saved search state holds that report's checkpoint, the driver and the Ray it embeds are killed.
+    `hft-ray tune --resume` leaves the first trial alone (not started, nothing trained, written or
+    logged for it) and restores the second, which goes on after stage 1: its one report since the
+    restore is stage 2, and its stage-1 checkpoint is not written again."""
+    import re
+    import signal
+
+    command, uri = _search(tmp_path, {
+        # stage 2 longer: the second trial is still at it when the kill comes
+        "set": {"stages.0.steps": 30, "stages.1.steps": 100, "eval.metric": "token_accuracy",
+                "output.dir": str(tmp_path / "runs")},
+        "space": {"ratio": [0.25, 0.75]}, "objective": {"metric": "OP"}, "max_concurrent": 1})
+    started = time.perf_counter()
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                               start_new_session=True)
-    log = []
+    log, done, running, saved = [], None, None, 0
     try:
         for line in driver.stderr:
             log.append(line)
-            if re.search(r"trial \S+ stage 1/2: objective", line):
-                os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it embeds
+            report = re.search(r"trial (\S+) stage ([12])/2: objective", line)
+            if report and report[2] == "2":
+                done = report[1]
+            elif report and done and report[1] != done:
+                running = report[1]
                 break
+        # Tune saves its state a moment after a report (the checkpoint registered, then synced); a
+        # driver killed in between leaves no checkpoint to restore the trial from (it would start
+        # again, finding its trained stages on disk): wait for it.
+        tune_dir = next((tmp_path / "runs").glob("*/tune"), None)
+        deadline = time.monotonic() + 120
+        while running and tune_dir and not saved and time.monotonic() < deadline:
+            saved = _restorable_stage(tune_dir, running)
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it embeds
+        killed = time.time()
         driver.wait(timeout=60)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    assert driver.returncode == -signal.SIGKILL, "".join(log)[-3000:]
+    assert driver.returncode == -signal.SIGKILL and running, "".join(log)[-3000:]
+    assert saved == 1, f"Tune's saved state has the second trial at stage {saved}, not 1"
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.`hft.kind` = 'tune'")
     assert parent.info.status == "RUNNING"
+    folder = Path(parent.data.tags["hft.output_dir"])
+    assert tune_dir == folder / "tune"
+    runs = {r.data.tags["hft.trial_id"]: r.info.run_id for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(runs) == {done, running}
+    before = _mlflow_record(client, runs[done])
+    assert before["status"] == "FINISHED"
+    done_files = _files(folder / done)
+    assert {"best/stage-1", "best/stage-2"} <= {str(Path(f).parent) for f in done_files}
+    (done_tune,) = tune_dir.glob(f"*{done}*")
+    done_tune_files = _files(done_tune)
+    stage1 = _files(folder / running / "best" / "stage-1")
+    assert stage1, "the running trial's stage-1 checkpoint is there before the kill"
+    running_before = _mlflow_record(client, runs[running])
+    trainings = {t: sorted(p.name for p in (folder / "ray").glob(f"{t}-*")) for t in runs}  # Ray Train runs
+    assert len(trainings[done]) == len(trainings[running]) == 1
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    print(f"resume test: {time.perf_counter() - started:.0f}s")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = json.loads(resumed.stdout)
     assert out["parent_run_id"] == parent.info.run_id
@@ -197,7 +310,23 @@ def test_a_search_whose_driver_died_is_resumed_without_duplicate_runs(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["hft.attempt"] == "1"
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 2 and len(out["trials"]) == 2, "no trial run twice"
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "objective")] == [1, 2]
+    # The finished trial: not started again, nothing trained, written or logged for it.
+    assert f"trial {done} started" not in resumed.stderr
+    assert _mlflow_record(client, runs[done]) == before
+    assert _files(folder / done) == done_files
+    assert _files(done_tune) == done_tune_files
+    assert sorted(p.name for p in (folder / "ray").glob(f"{done}-*")) == trainings[done]
+    # The running trial: restored after stage 1, which is neither trained, evaluated nor logged again.
+    assert _files(folder / running / "best" / "stage-1") == stage1, "stage 1 was trained again"
+    assert (folder / running / "best" / "stage-2").is_dir()
+    (running_tune,) = tune_dir.glob(f"*{running}*")
+    results = [json.loads(line) for line in (running_tune / "result.json").read_text().splitlines()]
+    since = [(r["stage"], r["training_iteration"], r["iterations_since_restore"])
+             for r in results if r["timestamp"] > killed]
+    assert since == [(2, 2, 1)], f"reports since the resume (stage, iteration, since restore): {since}"
+    after = _mlflow_record(client, runs[running])
+    assert after["status"] == "FINISHED"
+    for key, history in running_before["metrics"].items():
+        assert after["metrics"][key][: len(history)] == history, key
+    assert [m[0] for m in after["metrics"]["objective"]] == [1, 2]
     assert out["best"] is not None
