@@ -1,5 +1,6 @@
 """LoRA baseline: only adapters train, and the merged checkpoint evaluates as the adapted model."""
 
+import pytest
 import torch
 
 from hft_ray.data.encoding import batches, encode
@@ -32,7 +33,8 @@ def test_lora_trains_adapters_only_and_merges_into_a_checkpoint_that_evaluates_t
     loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=probe).logits, logits, atol=1e-4)
-    assert evaluate(loaded, tokenizer, data.eval, max_new_tokens=8) == before
+    # the same answers; the graded scores to float rounding (merged weights are sums in another order)
+    assert evaluate(loaded, tokenizer, data.eval, max_new_tokens=8) == pytest.approx(before, abs=1e-6)
     assert set(dict(loaded.named_parameters())) == set(base), "a plain model again, no adapter left"
     changed = [n for n, p in loaded.named_parameters() if not torch.equal(p, base[n])]
     assert changed and all("embed" not in n and "norm" not in n for n in changed), "only the adapted linears moved"
