@@ -171,8 +171,8 @@ def _check_kinds(spec: PipelineSpec, domains: dict[str, DomainData]) -> list[str
 
 def _fit_rows(spec: PipelineSpec, domains: dict[str, DomainData]):
     """Every domain rendered as the model will see it (its chat template or the plain rendering),
-    every row checked against train.max_length (hft_ray/data/fitting.py); preference pairs checked
-    whole by DPO's encoder."""
+    every row checked against train.max_length (hft_ray/data/fitting.py); preference pairs sampled
+    by DPO's encoder."""
     from hft_ray.train.dpo import encode_pairs
     from hft_ray.train.models import load_tokenizer
 
@@ -182,7 +182,10 @@ def _fit_rows(spec: PipelineSpec, domains: dict[str, DomainData]):
         settings = spec.domains[name]
         try:
             if data.is_preference:
-                encode_pairs(list(data.train) + list(data.eval), tokenizer, spec.train.max_length, domain=name)
+                # A sample, as before: DPO's encoder pads whole tensors, which for a 1M-pair file would
+                # not fit the driver (rows x longest x 6 int64 tensors)
+                encode_pairs(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length,
+                             domain=name)
                 fitted[name] = data
                 continue
             chat = resolve_chat(settings.chat, tokenizer, f"domains.{name}")
