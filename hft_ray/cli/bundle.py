@@ -46,6 +46,10 @@ def carry_pipeline_inputs(data: dict, base_dir: Path, bundle: Path) -> list[str]
     if isinstance(source, str) and (local := _local(source, base_dir)):
         model["source"] = "./" + _carry(local, bundle, f"model-{local.name}")
         carried.append(source)
+    template = model.get("chat_template")
+    if isinstance(template, str) and (local := _local(template, base_dir)):
+        model["chat_template"] = _carry(local, bundle, f"template-{local.name}")
+        carried.append(template)
     for name, domain in (data.get("domains") or {}).items():
         source = domain.get("source") if isinstance(domain, dict) else None
         if not isinstance(source, dict):

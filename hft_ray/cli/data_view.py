@@ -26,7 +26,7 @@ def run_data(args: argparse.Namespace) -> int:
     if args.rows < 0:
         raise UserError(f"--rows {args.rows}: give 0 or more rows to show")
     prepared = prepare(spec, Path(args.pipeline).parent)
-    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
+    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code, prepared.spec.model.chat_template)
     names = args.domain or [n for n in prepared.domains]
     described = {name: describe_domain(prepared.domains[name], tokenizer, max_length=spec.train.max_length,
                                        truncate=spec.domains[name].truncate, report=prepared.rows.get(name),

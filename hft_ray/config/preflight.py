@@ -55,7 +55,30 @@ def _resolve_paths(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
         if isinstance(source, HarnessSource) and source.include_path and not Path(source.include_path).is_absolute():
             source = source.model_copy(update={"include_path": str((base_dir / source.include_path).resolve())})
         domains[name] = domain.model_copy(update={"source": source})
-    return spec.model_copy(update={"domains": domains})
+    model = spec.model
+    if model.chat_template and not Path(model.chat_template).is_absolute():
+        model = model.model_copy(update={"chat_template": str((base_dir / model.chat_template).resolve())})
+    return spec.model_copy(update={"domains": domains, "model": model})
+
+
+def _check_chat_template(spec: PipelineSpec) -> list[str]:
+    """`model.chat_template` names a file that renders a chat."""
+    path = spec.model.chat_template
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        return [f"model.chat_template: no file at {path}; give a Jinja chat template's path (relative to the "
+                "pipeline file)"]
+    from hft_ray.train.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code, path)
+        tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                                      tokenize=False)
+    except Exception as error:  # jinja's syntax and render errors, whatever the template raises
+        return [f"model.chat_template: {path} does not render a chat ({type(error).__name__}: {error}); "
+                "fix the template"]
+    return []
 
 
 def _check_model(spec: PipelineSpec) -> list[str]:
@@ -109,6 +132,7 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     """Validate what the schema cannot: the model, the data, the lengths."""
     spec = _resolve_paths(spec, Path(base_dir))
     problems = _check_model(spec) + _check_storage(spec)
+    problems += [] if problems else _check_chat_template(spec)
     harness = {name: HarnessColumn(d.source.harness, d.source.num_fewshot, d.source.limit, d.source.metric,
                                    d.source.include_path)
                for name, d in spec.domains.items() if isinstance(d.source, HarnessSource)}
@@ -176,21 +200,20 @@ def _fit_rows(spec: PipelineSpec, domains: dict[str, DomainData]):
     from hft_ray.train.dpo import encode_pairs
     from hft_ray.train.models import load_tokenizer
 
-    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code)
+    tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code, spec.model.chat_template)
     fitted, reports, problems = {}, {}, []
     for name, data in domains.items():
         settings = spec.domains[name]
         try:
-            if data.is_preference:
-                # A sample, as before: DPO's encoder pads whole tensors, which for a 1M-pair file would
-                # not fit the driver (rows x longest x 6 int64 tensors)
-                encode_pairs(list(data.train[:1000]) + list(data.eval[:200]), tokenizer, spec.train.max_length,
-                             domain=name)
-                fitted[name] = data
-                continue
             chat = resolve_chat(settings.chat, tokenizer, f"domains.{name}")
             fitted[name], reports[name] = fit_domain(data, tokenizer, chat=chat, train_on=settings.train_on,
                                                      truncate=settings.truncate, max_length=spec.train.max_length)
+            if data.is_preference:
+                # A sample, as before: DPO's encoder pads whole tensors, which for a 1M-pair file would
+                # not fit the driver (rows x longest x 6 int64 tensors)
+                pairs = fitted[name]
+                encode_pairs(list(pairs.train[:1000]) + list(pairs.eval[:200]), tokenizer, spec.train.max_length,
+                             domain=name)
         except UserError as error:
             problems += error.problems
     return fitted, reports, problems

@@ -5,25 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hft_ray.config.files import read_yaml
 from hft_ray.config.model_defaults import fill_model_defaults
+from hft_ray.config.sources import DatasetSource, FileSource, HarnessSource, ModelSpec, Strict, is_harness
 from hft_ray.core.scores import DEFAULT as DEFAULT_METRIC
 from hft_ray.core.scores import NAMES as METRIC_NAMES
 from hft_ray.core.selection import GRANULARITIES, STRATEGIES
 from hft_ray.errors import UserError
 from hft_ray.storage import credentials_in
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(Strict):
-    source: str = Field(description="builtin:tiny-llama, builtin:smollm2-135m, a model folder, a .gguf file or a "
-                                    "cached hub id")
-    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off by default)")
 
 
 class PretrainSpec(Strict):
@@ -32,32 +23,6 @@ class PretrainSpec(Strict):
     domains: list[str] = Field(min_length=1)
     steps: int = Field(gt=0)
     lr: float = Field(3e-3, gt=0)
-
-
-class FileSource(Strict):
-    path: str
-
-
-class DatasetSource(Strict):
-    dataset: str
-    split: str = "train"
-    config: str | None = None
-
-
-class HarnessSource(Strict):
-    """A column scored by lm-evaluation-harness (hft_ray/train/harness.py): evaluated, never trained."""
-
-    harness: str = Field(description="the task (or group) name, e.g. mmlu, arc_easy, or one of include_path's")
-    num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(200, gt=0, description="the task's first N documents (null: all)")
-    metric: str = Field("acc", description="the task's metric that fills the column: acc, acc_norm, exact_match, ...")
-    include_path: str | None = Field(None, description="a folder of your own task YAML files (relative to the "
-                                                       "pipeline file)")
-
-
-def is_harness(domain: dict) -> bool:
-    """Whether a raw domain mapping names a harness column."""
-    return isinstance(domain, dict) and isinstance(domain.get("source"), dict) and "harness" in domain["source"]
 
 
 class DomainSpec(Strict):

@@ -44,6 +44,9 @@ def best_pipeline_text(pipeline_data: dict, pipeline_path: Path, config: dict) -
         source = domain.get("source") if isinstance(domain, dict) else None
         if isinstance(source, dict) and "path" in source and not Path(source["path"]).is_absolute():
             source["path"] = str((pipeline_path.parent / source["path"]).resolve())
+    model = data.get("model") or {}
+    if isinstance(model.get("chat_template"), str) and not Path(model["chat_template"]).is_absolute():
+        model["chat_template"] = str((pipeline_path.parent / model["chat_template"]).resolve())
     header = (f"# Best selection found by: hft-ray tune (pipeline {pipeline_path})\n"
               f"#   {json.dumps(config)}\n# Run it with: hft-ray run <this file>\n")
     text = header + yaml.safe_dump(data, sort_keys=False)

@@ -51,11 +51,13 @@ class Example:
 
 @dataclass(frozen=True)
 class Preference:
-    """One preference pair for DPO: for `prompt`, `chosen` is preferred over `rejected`."""
+    """One preference pair for DPO: for `prompt`, `chosen` is preferred over `rejected`. `chat`:
+    both answers are rendered as one user turn and one assistant turn of the model's chat template."""
 
     prompt: str
     chosen: str
     rejected: str
+    chat: bool = False
 
 
 @dataclass(frozen=True)

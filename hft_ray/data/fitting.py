@@ -43,10 +43,12 @@ def resolve_chat(chat: str | bool, tokenizer, key: str) -> bool:
 def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assistant", truncate: str = "none",
                max_length: int) -> tuple[DomainData, RowReport]:
     """The domain rendered as asked, without the rows that cannot be trained (or asked) within
-    `max_length`, and what happened to its rows. Preference pairs are left as they are (DPO
-    checks its own lengths)."""
+    `max_length`, and what happened to its rows. Preference pairs are only marked for the chat
+    template (DPO checks their lengths, hft_ray/config/preflight.py)."""
     if data.is_preference:
-        return data, RowReport(len(data.train) + len(data.eval), len(data.train) + len(data.eval), 0, 0, False)
+        rows = len(data.train) + len(data.eval)
+        train, evaluated = (tuple(replace(p, chat=chat) for p in pairs) for pairs in (data.train, data.eval))
+        return replace(data, train=train, eval=evaluated), RowReport(rows, rows, 0, 0, chat)
     render = (lambda e: as_chat(e, train_on == "assistant")) if chat else as_plain
     counts = {"kept": 0, "truncated": 0, "dropped": 0}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from hft_ray.data.chat import as_chat
 from hft_ray.data.domains import Example, Preference
 from hft_ray.data.encoding import IGNORE_INDEX, encode_example, fit
 from hft_ray.data.fitting import RowReport
@@ -23,7 +24,8 @@ def encoded_rows(data: DomainData, tokenizer, max_length: int, truncate: str) ->
     rows = []
     for example in data.train:
         if isinstance(example, Preference):
-            example = Example(example.prompt, example.chosen)
+            chosen = Example(example.prompt, example.chosen)
+            example = as_chat(chosen) if example.chat else chosen
         ids, labels, status = fit(*encode_example(example, tokenizer), max_length, truncate)
         if status != "dropped":
             rows.append((ids, labels))

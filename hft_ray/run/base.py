@@ -28,7 +28,7 @@ def initial_checkpoint(spec: PipelineSpec, folder: Location) -> str:
     `pretrain` block what pretraining starts from."""
     trust = spec.model.trust_remote_code
     model = load_model(spec.model.source, seed=spec.seed, trust_remote_code=trust)
-    tokenizer = load_tokenizer(spec.model.source, trust)
+    tokenizer = load_tokenizer(spec.model.source, trust, spec.model.chat_template)
     return write_checkpoint(folder / ("init" if spec.pretrain else "base"), model, tokenizer)
 
 

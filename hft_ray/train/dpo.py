@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from hft_ray.data.chat import as_chat
 from hft_ray.data.domains import Example, Preference
 from hft_ray.data.encoding import IGNORE_INDEX, encode
 
@@ -26,8 +27,11 @@ from hft_ray.data.encoding import IGNORE_INDEX, encode
 def encode_pairs(pairs: Sequence[Preference], tokenizer, max_length: int, *,
                  domain: str = "?") -> dict[str, torch.Tensor]:
     """chosen_* and rejected_* tensors (input_ids, attention_mask, labels), row i = pair i."""
-    chosen = encode([Example(p.prompt, p.chosen) for p in pairs], tokenizer, max_length, domain=domain)
-    rejected = encode([Example(p.prompt, p.rejected) for p in pairs], tokenizer, max_length, domain=domain)
+    def answered(pair: Preference, answer: str) -> Example:
+        return as_chat(Example(pair.prompt, answer)) if pair.chat else Example(pair.prompt, answer)
+
+    chosen = encode([answered(p, p.chosen) for p in pairs], tokenizer, max_length, domain=domain)
+    rejected = encode([answered(p, p.rejected) for p in pairs], tokenizer, max_length, domain=domain)
     return {**{f"chosen_{k}": v for k, v in chosen.items()}, **{f"rejected_{k}": v for k, v in rejected.items()}}
 
 

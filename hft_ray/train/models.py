@@ -157,17 +157,22 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
+def load_tokenizer(source: str, trust_remote_code: bool = False,
+                   chat_template: str | None = None) -> transformers.PreTrainedTokenizerBase:
     """The model's tokenizer, loaded once per process (a GGUF file's takes tens of seconds to read);
-    nothing in hft-ray changes a tokenizer after loading it."""
-    return _tokenizer(source, trust_remote_code)
+    with `chat_template` (a Jinja file's path), that template in place of the tokenizer's own.
+    Nothing in hft-ray changes a tokenizer after loading it."""
+    return _tokenizer(source, trust_remote_code, chat_template)
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(source: str, trust_remote_code: bool) -> transformers.PreTrainedTokenizerBase:
+def _tokenizer(source: str, trust_remote_code: bool, chat_template: str | None) -> transformers.PreTrainedTokenizerBase:
     resolved = resolve_source(source)
     if resolved.is_builtin:
-        return char_tokenizer()
-    return transformers.AutoTokenizer.from_pretrained(resolved.name, gguf_file=resolved.gguf_file,
-                                                      trust_remote_code=trust_remote_code)
-
+        tokenizer = char_tokenizer()
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.name, gguf_file=resolved.gguf_file,
+                                                               trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = Path(chat_template).read_text()
+    return tokenizer

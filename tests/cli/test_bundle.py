@@ -36,14 +36,19 @@ output: {dir: out}
 def test_a_run_bundle_carries_local_data_and_validates_as_the_job_will(project, tmp_path_factory, monkeypatch):
     bundle = tmp_path_factory.mktemp("bundle")
     monkeypatch.chdir(project)
-    submission = prepare_submission("run", "p.yaml", ["stages.0.steps=7"], "sqlite:///mlflow.db", None, [], bundle)
+    (project / "data" / "chat.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                                                 "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    submission = prepare_submission("run", "p.yaml", ["stages.0.steps=7", "model.chat_template=data/chat.jinja"],
+                                    "sqlite:///mlflow.db", None, [], bundle)
     written = yaml.safe_load((bundle / "pipeline.yaml").read_text())
     assert written["stages"][0]["steps"] == 7, "overrides are applied in the bundle"
     assert written["domains"]["nums"]["source"]["path"] == "carried/nums-nums.jsonl"
     assert (bundle / "carried" / "nums-nums.jsonl").read_bytes() == (project / "data" / "nums.jsonl").read_bytes()
     assert written["domains"]["upper"]["source"] == "builtin:upper"
     assert written["output"]["dir"] == str(project / "out"), "a relative output.dir is made absolute"
-    assert submission.carried == ["data/nums.jsonl"]
+    assert written["model"]["chat_template"] == "carried/template-chat.jinja"
+    assert (bundle / "carried" / "template-chat.jinja").read_bytes() == (project / "data" / "chat.jinja").read_bytes()
+    assert submission.carried == ["data/chat.jinja", "data/nums.jsonl"]
     assert submission.entrypoint == f"python -m hft_ray run pipeline.yaml --tracking-uri sqlite:///{project}/mlflow.db"
     # The bundle alone is a valid pipeline: what the job checks on the cluster.
     spec, _ = load_spec(bundle / "pipeline.yaml")

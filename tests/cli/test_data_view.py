@@ -71,3 +71,49 @@ def test_an_unknown_domain_exits_2_naming_the_domains(chat_pipeline, capsys):
     assert main(["data", str(path), "--domain", "chats"]) == 2
     err = capsys.readouterr().err
     assert "--domain 'chats': not a domain of the pipeline; domains: chat, world" in err and "Traceback" not in err
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _tiny_pipeline(folder, **model):
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"ok {i}"}]}
+            for i in range(20)]
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "p.yaml").write_text(yaml.safe_dump({
+        "name": "templated", "model": {"source": "builtin:tiny-llama", **model},
+        "domains": {"chat": {"source": {"path": "chat.jsonl"}, "eval_size": 4}},
+        "stages": [{"domain": "chat", "steps": 1}], "methods": {"fft": {"kind": "fft"}},
+        "output": {"dir": str(folder / "runs")}}))
+    return folder / "p.yaml"
+
+
+def test_a_template_file_gives_a_model_without_one_its_chat_rendering(tmp_path, capsys):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text(TEMPLATE)
+    path = _tiny_pipeline(tmp_path, chat_template="templates/chat.jinja")  # relative to the pipeline file
+    assert main(["data", str(path), "--json", "--rows", "1"]) == 0
+    example = json.loads(capsys.readouterr().out)["domains"]["chat"]["examples"][0]
+    tokenizer = load_tokenizer("builtin:tiny-llama", False, str(tmp_path / "templates" / "chat.jinja"))
+    said = tokenizer.decode(example["input_ids"])
+    learnt = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
+                               if label != IGNORE_INDEX])
+    assert said.startswith("<|user|>hi ") and learnt.startswith("ok ") and learnt.endswith("<|end|>")
+    number = learnt.removeprefix("ok ").removesuffix("<|end|>")
+    turns = [{"role": "user", "content": f"hi {number}"}, {"role": "assistant", "content": f"ok {number}"}]
+    assert said == tokenizer.apply_chat_template(turns, tokenize=False)
+    assert main(["data", str(_tiny_pipeline(tmp_path)), "--json", "--rows", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)["domains"]["chat"]["examples"][0]
+    assert "<|user|>" not in tokenizer.decode(plain["input_ids"]), "without the file: the plain rendering"
+
+
+def test_a_missing_or_broken_template_file_exits_2_naming_it(tmp_path, capsys):
+    path = _tiny_pipeline(tmp_path, chat_template="nowhere.jinja")
+    assert main(["data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.chat_template: no file at {tmp_path / 'nowhere.jinja'}" in err and "Traceback" not in err
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
+    assert main(["data", str(path), "--set", "model.chat_template=broken.jinja"]) == 2
+    err = capsys.readouterr().err
+    assert "model.chat_template:" in err and "does not render a chat (TemplateSyntaxError" in err

@@ -118,3 +118,29 @@ def test_a_domain_that_keeps_no_row_is_refused(smollm2):
     data = load_domain("c", "builtin:upper")
     with pytest.raises(UserError, match=r"domains\.c: no row leaves room for its answer within train.max_length=4"):
         fit_domain(data, smollm2, chat=True, max_length=4)
+
+
+def test_a_preference_pair_in_the_template_is_one_user_and_one_assistant_turn_each(smollm2):
+    from hft_ray.train.dpo import Preference, encode_pairs
+
+    pair = Preference("Is the sky blue?", "Yes, it is.", "No.", chat=True)
+    batch = encode_pairs([pair], smollm2, 128)
+    for side, answer in (("chosen", "Yes, it is."), ("rejected", "No.")):
+        mask = batch[f"{side}_attention_mask"][0].bool()
+        ids, labels = batch[f"{side}_input_ids"][0][mask].tolist(), batch[f"{side}_labels"][0][mask].tolist()
+        turns = [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": answer}]
+        full = smollm2.apply_chat_template(turns, tokenize=True)["input_ids"]
+        assert ids in (full, full[:-1]), "the template's ids (its trailing newline may be dropped)"
+        assert learnt_runs(ids, labels) == [turn_tokens(smollm2, answer)]
+    plain = encode_pairs([Preference("Is the sky blue?", "Yes, it is.", "No.")], smollm2, 128)
+    assert "<|im_start|>" not in smollm2.decode(plain["chosen_input_ids"][0]), "chat: false keeps the plain rendering"
+
+
+def test_fitting_a_preference_domain_marks_its_pairs_for_the_template(smollm2, tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(12)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_domain("prefs", {"path": str(tmp_path / "prefs.jsonl")}, seed=0, eval_size=2)
+    fitted, report = fit_domain(data, smollm2, chat=resolve_chat("auto", smollm2, "domains.prefs"), max_length=64)
+    assert all(p.chat for p in fitted.train + fitted.eval) and report.chat and report.rows == 12
+    plain, _ = fit_domain(data, smollm2, chat=False, max_length=64)
+    assert not any(p.chat for p in plain.train + plain.eval)

@@ -1,0 +1,23 @@
+"""The base checkpoint every branch starts from carries the tokenizer the preflight rendered with:
+a `model.chat_template` file is saved into it, so workers (and `python -m hft_ray.train`) train and
+ask in that template without the pipeline file."""
+
+from hft_ray.config.preflight import prepare
+from hft_ray.config.spec import parse_spec
+from hft_ray.run.base import initial_checkpoint
+from hft_ray.storage import Location
+from hft_ray.train.checkpoints import load_checkpoint
+
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def test_a_template_file_is_saved_with_the_base_checkpoint(tmp_path):
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    spec = parse_spec({"name": "t", "model": {"source": "builtin:tiny-llama", "chat_template": "chat.jinja"},
+                       "domains": {"copy": {"source": "builtin:copy", "eval_size": 8, "train_size": 16}},
+                       "stages": [{"domain": "copy", "steps": 1}], "methods": {"fft": {"kind": "fft"}}}, "test")
+    prepared = prepare(spec, tmp_path)  # the file is named relative to the pipeline's folder
+    assert prepared.spec.model.chat_template == str(tmp_path / "chat.jinja")
+    _, tokenizer = load_checkpoint(initial_checkpoint(prepared.spec, Location(tmp_path / "out")))
+    assert tokenizer.chat_template == TEMPLATE
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n"
