@@ -28,6 +28,7 @@ import random
 import statistics
 import string
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,8 +36,9 @@ import transformers
 
 from hft_ray.core.memory import GiB, Setup, Shapes, estimate, trained_params
 from hft_ray.core.selection import select
+from hft_ray.data.batching import part_of
 from hft_ray.data.domains import Example
-from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.job import BranchJob, StageJob, TrainSettings
 from hft_ray.train.models import char_tokenizer
 from hft_ray.train.runtime import start_runtime
 from hft_ray.train.stage import fit_stage
@@ -97,9 +99,12 @@ def run_one(name: str, method: str, checkpointing: bool, steps: int, warmup: int
     letters = random.Random(0)
     examples = tuple(Example("a", "".join(letters.choice(string.ascii_lowercase) for _ in range(sequence - 2)))
                      for _ in range(batch * 2))
-    stage = StageJob(1, f"{name} {method}", examples, warmup + steps, 1e-5, 1, "", config)
-    job = BranchJob("bench", "", (stage,), batch_size=batch, max_length=sequence, log_every=warmup + steps,
-                    precision="bf16", gradient_checkpointing=checkpointing)
+    parts = (part_of(examples, char_tokenizer(), Path(tempfile.gettempdir()) / "hft-ray-bench-tokens",
+                     max_length=sequence),)
+    stage = StageJob(1, f"{name} {method}", parts, warmup + steps, 1e-5, 1, "", config)
+    settings = TrainSettings(batch_size=batch, max_length=sequence, log_every=warmup + steps, precision="bf16",
+                             gradient_checkpointing=checkpointing)
+    job = BranchJob("bench", "", (stage,), settings)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:

@@ -33,12 +33,13 @@ from step_time import flop_ratio  # noqa: E402
 
 from hft_ray.core.freezing import apply_plan  # noqa: E402
 from hft_ray.core.selection import GRANULARITIES, select  # noqa: E402
+from hft_ray.data.batching import part_of  # noqa: E402
 from hft_ray.data.domains import BUILTIN_DOMAINS  # noqa: E402
 from hft_ray.train.branch import train_branch  # noqa: E402
 from hft_ray.train.channel import LocalChannel  # noqa: E402
 from hft_ray.train.checkpoints import write_checkpoint  # noqa: E402
 from hft_ray.train.events import StageTrained  # noqa: E402
-from hft_ray.train.job import BranchJob, StageJob  # noqa: E402
+from hft_ray.train.job import BranchJob, StageJob, TrainSettings  # noqa: E402
 from hft_ray.train.models import load_model, load_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -55,11 +56,13 @@ def method_config(method: str) -> dict:
 
 def branch(folder: Path, base: str, method: str, stages: int, settings: dict, threads: int) -> BranchJob:
     examples = tuple(BUILTIN_DOMAINS["upper"].generate(random.Random(0), 1024))
-    jobs = tuple(StageJob(i, f"{method} stage {i}", examples, settings["steps"], 1e-4, i,
+    parts = (part_of(examples, load_tokenizer(base), folder / "tokens", max_length=settings["max_length"]),)
+    jobs = tuple(StageJob(i, f"{method} stage {i}", parts, settings["steps"], 1e-4, i,
                           str(folder / f"{method}-{time.time_ns()}" / f"stage-{i}"), method_config(method))
                  for i in range(1, stages + 1))
-    return BranchJob(method, base, jobs, batch_size=settings["batch_size"], max_length=settings["max_length"],
-                     weight_decay=0.01, log_every=settings["steps"], threads=threads)
+    train = TrainSettings(batch_size=settings["batch_size"], max_length=settings["max_length"], weight_decay=0.01,
+                          log_every=settings["steps"])
+    return BranchJob(method, base, jobs, train, threads=threads)
 
 
 def in_process(job: BranchJob, folder: Path) -> list[float]:

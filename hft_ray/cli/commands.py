@@ -83,6 +83,8 @@ def _say_rows(prepared) -> None:
     for name, report in prepared.rows.items():
         if report.truncated or report.dropped:
             print(f"[hft-ray] {report.line(name, prepared.spec.train.max_length)}", file=sys.stderr)
+    for line in prepared.steps_from_epochs:
+        print(f"[hft-ray] {line}", file=sys.stderr)
 
 
 def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:

@@ -28,9 +28,12 @@ def run_data(args: argparse.Namespace) -> int:
     prepared = prepare(spec, Path(args.pipeline).parent)
     tokenizer = load_tokenizer(spec.model.source, spec.model.trust_remote_code, prepared.spec.model.chat_template)
     names = args.domain or [n for n in prepared.domains]
+    t = prepared.spec.train
+    batching = {"batch_size": t.batch_size, "packing": t.packing, "group_by_length": t.group_by_length,
+                "seed": spec.seed}
     described = {name: describe_domain(prepared.domains[name], tokenizer, max_length=spec.train.max_length,
                                        truncate=spec.domains[name].truncate, report=prepared.rows.get(name),
-                                       examples=args.rows)
+                                       examples=args.rows, batching=batching)
                  for name in names if name in prepared.domains}
     if args.json:
         print(json.dumps({"domains": described}))
@@ -49,7 +52,9 @@ def _print(described: dict, tokenizer, max_length: int, trained: list[str]) -> N
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)  # a log or a pipe: no wrapping of the table at 80 columns
-    table = Table(title=f"what each domain holds (train tokens; train.max_length {max_length})")
+    packed = any(d.get("packing") for d in described.values())
+    table = Table(title=f"what each domain holds (train tokens; train.max_length {max_length}; padding "
+                        f"{'with packing' if packed else 'per batch'})")
     for column in ("domain", "stages", "rendering", "train / eval rows", "tokens", "learnt", "length p50/p95/max",
                    "truncated", "dropped", "padding"):
         table.add_column(column, justify="left" if column in ("domain", "rendering") else "right", no_wrap=True)

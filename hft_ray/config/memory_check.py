@@ -23,7 +23,9 @@ def worker_memory(spec: PipelineSpec) -> tuple[float, str] | None:
 
 def setup_of(spec: PipelineSpec) -> Setup:
     t = spec.train
-    return Setup(spec.precision, t.strategy, t.workers, t.batch_size, t.max_length, t.gradient_checkpointing)
+    # Activations are held for one forward pass: a micro-batch's sequences on each worker.
+    per_forward = t.micro_batch_size * t.workers if t.micro_batch_size else t.batch_size
+    return Setup(spec.precision, t.strategy, t.workers, per_forward, t.max_length, t.gradient_checkpointing)
 
 
 def method_trained(model, method) -> int:
@@ -60,5 +62,6 @@ def check_memory(spec: PipelineSpec, model) -> list[str]:
             f"{parts['gradients']}, AdamW state {parts['optimizer']}, step temporaries {parts['step_temporaries']}, "
             f"activations {parts['activations']}), more than {where} {limit / GiB:.3g} GiB; "
             + (f"would fit: {'; '.join(fits)}" if fits else "no single change of precision, checkpointing, "
-               "sharding or method makes it fit; lower train.batch_size or train.max_length"))
+               "sharding or method makes it fit; set train.micro_batch_size (gradient accumulation), or lower "
+               "train.max_length"))
     return problems

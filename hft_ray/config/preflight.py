@@ -27,6 +27,7 @@ class Prepared:
     domains: dict[str, DomainData]  # the domains with examples (trained, or scored by hft-ray), as rendered
     harness: dict[str, HarnessColumn] = field(default_factory=dict)  # the lm-evaluation-harness columns
     rows: dict[str, RowReport] = field(default_factory=dict)  # per domain: rows kept, truncated, dropped
+    steps_from_epochs: tuple[str, ...] = ()  # a line per stage given in epochs: the steps they make
 
     @property
     def metrics(self) -> dict[str, str]:
@@ -156,7 +157,35 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
         domains, rows, problems = _fit_rows(spec, domains)
     if problems:
         raise UserError(*problems)
-    return Prepared(spec, domains, harness, rows)
+    spec, said = _steps_from_epochs(spec, domains)
+    return Prepared(spec, domains, harness, rows, said)
+
+
+def _steps_from_epochs(spec: PipelineSpec, domains: dict[str, DomainData]) -> tuple[PipelineSpec, tuple[str, ...]]:
+    """Stages given in `epochs` get their steps: ceil(epochs x the global batches of one epoch of
+    the stage's own domain under the pipeline's batching); every method trains those steps."""
+    import math
+
+    from hft_ray.data.batching import Part, Pool, batches_per_epoch
+
+    t, stages, said = spec.train, [], []
+    for index, stage in enumerate(spec.stages):
+        if stage.epochs is None:
+            stages.append(stage)
+            continue
+        data = domains[stage.domain]
+        if data.tokens is None:  # preference pairs: one row each
+            per_epoch = max(1, len(data.train) // t.batch_size)
+        else:
+            per_epoch = batches_per_epoch(Pool([Part(data.tokens)]), seed=spec.seed * 1000 + index + 1,
+                                          batch_size=t.batch_size, max_length=t.max_length, packing=t.packing,
+                                          group_by_length=t.group_by_length)
+        steps = math.ceil(stage.epochs * per_epoch)
+        stages.append(stage.model_copy(update={"steps": steps}))
+        said.append(f"stages.{index}: {stage.epochs:g} epoch(s) of {stage.domain} = {steps} steps "
+                    f"({len(data.train)} rows, {per_epoch} batches of {t.batch_size} "
+                    f"{'packed sequences' if t.packing and data.tokens else 'rows'} per epoch)")
+    return spec.model_copy(update={"stages": stages}), tuple(said)
 
 
 def _check_storage(spec: PipelineSpec) -> list[str]:
@@ -207,7 +236,8 @@ def _fit_rows(spec: PipelineSpec, domains: dict[str, DomainData]):
         try:
             chat = resolve_chat(settings.chat, tokenizer, f"domains.{name}")
             fitted[name], reports[name] = fit_domain(data, tokenizer, chat=chat, train_on=settings.train_on,
-                                                     truncate=settings.truncate, max_length=spec.train.max_length)
+                                                     truncate=settings.truncate, max_length=spec.train.max_length,
+                                                     store=Location(spec.output.dir) / "tokens")
             if data.is_preference:
                 # A sample, as before: DPO's encoder pads whole tensors, which for a 1M-pair file would
                 # not fit the driver (rows x longest x 6 int64 tensors)

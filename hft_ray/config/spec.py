@@ -51,15 +51,28 @@ class DomainSpec(Strict):
 
 class StageSpec(Strict):
     domain: str
-    steps: int = Field(gt=0)
+    steps: int | None = Field(None, gt=0, description="optimizer steps (or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the stage's domain instead of steps: "
+                                 "ceil(epochs x its global batches per epoch), the same for every method, printed")
     lr: float | None = Field(None, gt=0, description="default: train.lr")
     kind: Literal["sft", "dpo"] = Field("sft", description="sft: causal-LM loss; dpo: preference pairs, DPO loss")
     beta: float = Field(0.1, gt=0, description="DPO's beta (dpo stages only)")
 
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give steps or epochs, one of them")
+        return self
+
 
 class TrainSpec(Strict):
     lr: float | None = Field(None, gt=0, description="default: 1e-3 on a built-in tiny model, 2e-5 on a real one")
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="sequences per optimizer step, over every worker (rows, or with "
+                                                  "packing packed sequences)")
+    micro_batch_size: int | None = Field(None, gt=0, description="sequences per forward pass on a worker; gradients "
+                                         "accumulate up to its share of batch_size (default: the whole share)")
+    packing: bool = Field(False, description="SFT rows concatenated up to max_length, attention kept within each row")
+    group_by_length: bool = Field(False, description="rows of similar length batched together (less padding)")
     workers: int = Field(1, gt=0, description="Ray Train workers per branch")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
@@ -80,6 +93,15 @@ class TrainSpec(Strict):
     resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] = Field(
         {}, description="custom Ray resources each worker needs, e.g. {trainer: 1} to train only on nodes started "
                         "with `ray start --resources '{\"trainer\": 4}'`")
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        share = self.batch_size // self.workers
+        if self.micro_batch_size is not None and self.micro_batch_size > max(1, share):
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} is more than a worker's share of batch_size "
+                             f"({self.batch_size} over {self.workers} worker(s): {share}); lower it or raise "
+                             "batch_size")
+        return self
 
 
 class FFTMethod(Strict):

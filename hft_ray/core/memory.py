@@ -11,7 +11,7 @@ on each of N workers (N = the workers under fsdp, else 1):
     peak = max(W + G + S + O + B,   the optimizer step
                W + S + A)           the start of the backward pass (+ bf16 copies under bf16-mixed)
 
-A, for t tokens per worker (batch / workers x max_length), L layers of hidden size h and
+A, for t tokens per worker and forward pass (its micro-batch x max_length), L layers of hidden size h and
 feed-forward size i, a vocabulary of V, and a bytes per activation (2 under bf16 and
 bf16-mixed, 4 fp32): each layer keeps t (11 h + 3.4 i) a bytes for its backward pass, the loss
 t V (a + 12) bytes (the logits and three float32 copies: upcast, softmax, gradient). With
@@ -64,7 +64,7 @@ class Setup:
     precision: str = "bf16"
     strategy: str = "ddp"
     workers: int = 1
-    batch_size: int = 8
+    batch_size: int = 8        # sequences in one forward pass, over every worker (a micro-batch each)
     max_length: int = 1024
     gradient_checkpointing: bool = False
 
@@ -115,6 +115,8 @@ def what_fits(shapes: Shapes, trained: int, setup: Setup, limit: float, hft_trai
         candidates.append((f"train.strategy: fsdp with train.workers: {workers}", trained,
                            replace(setup, strategy="fsdp", workers=workers)))
         workers *= 2
+    if setup.batch_size > setup.workers:  # one sequence per forward pass, the step's batch accumulated
+        candidates.append(("train.micro_batch_size: 1", trained, replace(setup, batch_size=setup.workers)))
     if hft_trained is not None and hft_trained < trained:
         candidates.append(("kind: hft (half the model trains)", hft_trained, setup))
     fits = []

@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from hft_ray.data.chat import as_chat, as_plain, has_template
 from hft_ray.data.encoding import encode_example, fit
 from hft_ray.data.loading import DomainData
+from hft_ray.data.tokens import tokenize_rows, tokenized
 from hft_ray.errors import UserError
+from hft_ray.storage import Location
 
 
 @dataclass(frozen=True)
@@ -41,32 +43,39 @@ def resolve_chat(chat: str | bool, tokenizer, key: str) -> bool:
 
 
 def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assistant", truncate: str = "none",
-               max_length: int) -> tuple[DomainData, RowReport]:
+               max_length: int, store: Location | None = None) -> tuple[DomainData, RowReport]:
     """The domain rendered as asked, without the rows that cannot be trained (or asked) within
-    `max_length`, and what happened to its rows. Preference pairs are only marked for the chat
-    template (DPO checks their lengths, hft_ray/config/preflight.py)."""
+    `max_length`, and what happened to its rows. With `store`, its training rows are tokenized
+    into a token folder there (once per fingerprint, hft_ray/data/tokens.py) that the stages read.
+    Preference pairs are only marked for the chat template (DPO checks their lengths,
+    hft_ray/config/preflight.py)."""
     if data.is_preference:
         rows = len(data.train) + len(data.eval)
         train, evaluated = (tuple(replace(p, chat=chat) for p in pairs) for pairs in (data.train, data.eval))
         return replace(data, train=train, eval=evaluated), RowReport(rows, rows, 0, 0, chat)
     render = (lambda e: as_chat(e, train_on == "assistant")) if chat else as_plain
-    counts = {"kept": 0, "truncated": 0, "dropped": 0}
-
-    def usable(examples) -> tuple:
-        kept = []
-        for example in map(render, examples):
+    rendered = [render(e) for e in data.train]
+    if store is not None:
+        folder, meta = tokenized(rendered, tokenizer, store, max_length=max_length, truncate=truncate, chat=chat,
+                                 train_on=train_on)
+        counts, dropped = dict(meta["counts"]), set(meta["dropped_rows"])
+    else:
+        statuses = [status for *_, status in tokenize_rows(rendered, tokenizer, max_length, truncate)]
+        folder, counts = None, {s: statuses.count(s) for s in ("kept", "truncated", "dropped")}
+        dropped = {i for i, status in enumerate(statuses) if status == "dropped"}
+    train = tuple(e for i, e in enumerate(rendered) if i not in dropped)
+    if data.is_knowledge:  # a knowledge domain evaluates on what it trains: the same rows, checked once
+        evaluated = train
+    else:
+        evaluated = []
+        for example in map(render, data.eval):
             *_, status = fit(*encode_example(example, tokenizer), max_length, truncate)
             counts[status] += 1
             if status != "dropped":
-                kept.append(example)
-        return tuple(kept)
-
-    train = usable(data.train)
-    # A knowledge domain evaluates on what it trains: the same rows, checked once.
-    evaluated = train if data.is_knowledge else usable(data.eval)
+                evaluated.append(example)
     if not train or not evaluated:
         raise UserError(f"domains.{data.name}: no row leaves room for its answer within train.max_length="
                         f"{max_length} ({counts['dropped']} dropped); raise train.max_length, shorten the prompts, "
                         "or set truncate: left")
     report = RowReport(sum(counts.values()), counts["kept"], counts["truncated"], counts["dropped"], chat)
-    return replace(data, train=train, eval=evaluated), report
+    return replace(data, train=train, eval=tuple(evaluated), tokens=folder, token_rows=len(train)), report

@@ -39,6 +39,8 @@ class DomainData:
     eval: tuple[Example, ...] | tuple[Preference, ...]
     is_knowledge: bool = False
     match: str = "exact"  # how greedy answers are scored: "exact" or "word" (hft_ray/train/evaluation.py)
+    tokens: str | None = None  # the train rows tokenized, once fitted (hft_ray/data/tokens.py): their folder
+    token_rows: int = 0        # rows in that folder
 
     @property
     def is_preference(self) -> bool:

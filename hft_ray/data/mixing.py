@@ -1,25 +1,10 @@
-"""Training sets made of several domains: replay of earlier stages, balanced pretraining mixes."""
+"""A balanced mix of several domains' examples (importance-aware HFT measures on one)."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 from hft_ray.data.domains import Example
-
-
-def mix_replay(current: Sequence[Example], earlier: Sequence[Sequence[Example]], fraction: float,
-               seed: int) -> list[Example]:
-    """`current` plus replayed examples from `earlier` domains, so that replayed examples make up
-    `fraction` of the result (rounded to whole examples), drawn evenly across the earlier domains
-    and deterministically from `seed`."""
-    pools = [list(part) for part in earlier if part]
-    if not fraction or not pools:
-        return list(current)
-    wanted = round(len(current) * fraction / (1 - fraction))
-    rng = random.Random(seed)
-    replayed = [rng.choice(pools[i % len(pools)]) for i in range(wanted)]
-    return list(current) + replayed
 
 
 def mix_balanced(parts: Sequence[Sequence[Example]]) -> list[Example]:

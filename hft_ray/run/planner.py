@@ -8,10 +8,10 @@ from functools import cached_property
 from pathlib import Path
 
 from hft_ray.config.spec import PipelineSpec
+from hft_ray.data.batching import Part
 from hft_ray.data.loading import DomainData
-from hft_ray.data.mixing import mix_balanced, mix_replay
 from hft_ray.storage import Location
-from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.job import BranchJob, StageJob, TrainSettings
 
 
 class Planner:
@@ -25,19 +25,22 @@ class Planner:
         stages = tuple(self.stage(method, i) for i in range(max(1, first), len(self.spec.stages) + 1))
         if first == 0:
             stages = (self.pretrain_stage(pretrain_threads),) + stages
-        return BranchJob(method, start, stages, **self._settings(),
+        return BranchJob(method, start, stages, self.settings,
                          threads=max(1, int(self.spec.train.cpus_per_worker)), wait_for_start=wait_for_start)
 
     def pretrain(self, start: str, threads: int) -> BranchJob:
         """Pretraining alone, as a branch of its own (a Tune search makes its base so)."""
-        return BranchJob("pretrain", start, (self.pretrain_stage(threads),), **self._settings(), threads=threads)
+        return BranchJob("pretrain", start, (self.pretrain_stage(threads),), self.settings, threads=threads)
 
     def pretrain_stage(self, threads: int) -> StageJob:
         """Full training of the base model on `pretrain.domains`, mixed evenly: stage 0, into
-        `base`, with `threads` (it runs before the other branches train: the CPUs are free)."""
+        `base`, with `threads` (it runs before the other branches train: the CPUs are free).
+        Evenly: each domain's rows repeated up to the largest one's count, so 150 facts are not
+        drowned by 2,000 skill examples."""
         pretrain, seed = self.spec.pretrain, self.spec.seed
-        examples = tuple(mix_balanced([self.domains[name].train for name in pretrain.domains]))
-        return StageJob(0, "pretrain", examples, pretrain.steps, pretrain.lr, seed, str(self.base), threads=threads)
+        size = max(self.domains[name].token_rows for name in pretrain.domains)
+        parts = tuple(Part(self._tokens(name), take=size) for name in pretrain.domains)
+        return StageJob(0, "pretrain", parts, pretrain.steps, pretrain.lr, seed, str(self.base), threads=threads)
 
     @property
     def base(self) -> Location:
@@ -47,10 +50,12 @@ class Planner:
         stage, total = self.spec.stages[index - 1], len(self.spec.stages)
         config = self.method_config(method)
         earlier = ()
-        if config.get("strategy") == "importance":
-            earlier = tuple(tuple(self.domains[d].train) for d in self.spec.earlier_domains(index))
+        if config.get("strategy") == "importance":  # as many rows of each as the measure reads
+            rows = config["importance_batches"] * self.spec.train.batch_size
+            earlier = tuple(tuple(self.domains[d].train[:rows]) for d in self.spec.earlier_domains(index))
+        pairs = tuple(self.domains[stage.domain].train) if stage.kind == "dpo" else ()
         return StageJob(index=index, label=f"{method} stage {index}/{total} ({stage.domain})",
-                        examples=tuple(self.examples(method, index)), steps=stage.steps,
+                        parts=() if pairs else self.parts(method, index), pairs=pairs, steps=stage.steps,
                         lr=self.spec.stage_lr(stage), seed=self.spec.seed * 1000 + index,
                         output=str(self.output(method, index)), method=config, loss=stage.kind, beta=stage.beta,
                         earlier=earlier)
@@ -73,27 +78,31 @@ class Planner:
         earlier = any(s.kind == "sft" for s in stages[:index - 1])
         return getattr(self.spec.methods[method], "replay", 0.0) if stages[index - 1].kind == "sft" and earlier else 0.0
 
-    def examples(self, method: str, index: int):
-        """The stage's training data; with `replay`, mixed with earlier SFT stages' data; for a
-        joint method, all the stages' data mixed evenly (the same for every stage)."""
-        stage = self.spec.stages[index - 1]
+    def parts(self, method: str, index: int) -> tuple[Part, ...]:
+        """The stage's rows: its domain's; with `replay` f, plus rows of the earlier SFT stages'
+        domains making up the share f, spread over them by their sizes (none repeated); for a
+        joint method, every stage's domain whole (the same for every stage)."""
+        stages = self.spec.stages
         if self.spec.methods[method].kind == "joint":
-            return self._joint_examples
-        current = self.domains[stage.domain].train
+            return tuple(Part(self._tokens(d)) for d in dict.fromkeys(s.domain for s in stages if s.kind == "sft"))
+        current = Part(self._tokens(stages[index - 1].domain))
         fraction = self.replay(method, index)
         if not fraction:
-            return current
-        earlier = [self.domains[s.domain].train for s in self.spec.stages[:index - 1] if s.kind == "sft"]
-        return mix_replay(current, earlier, fraction, self.spec.seed * 1000 + index)
+            return (current,)
+        earlier = list(dict.fromkeys(s.domain for s in stages[:index - 1] if s.kind == "sft"))
+        sizes = [self.domains[d].token_rows for d in earlier]
+        wanted = round(self.domains[stages[index - 1].domain].token_rows * fraction / (1 - fraction))
+        takes = [min(size, round(wanted * size / sum(sizes))) for size in sizes]
+        return (current,) + tuple(Part(self._tokens(d), take=take, seed=self.spec.seed * 1000 + index * 10 + k)
+                                  for k, (d, take) in enumerate(zip(earlier, takes, strict=True)) if take)
+
+    def _tokens(self, domain: str) -> str:
+        folder = self.domains[domain].tokens
+        if folder is None:
+            raise ValueError(f"domains.{domain}: not tokenized; the preflight (hft_ray/config/preflight.py) "
+                             "tokenizes every domain a stage trains on")
+        return folder
 
     @cached_property
-    def _joint_examples(self) -> tuple:
-        """Every stage's domain once, mixed evenly: what each stage of a joint branch trains on."""
-        domains = dict.fromkeys(stage.domain for stage in self.spec.stages)
-        return tuple(mix_balanced([self.domains[d].train for d in domains]))
-
-    def _settings(self) -> dict:
-        t = self.spec.train
-        return {"batch_size": t.batch_size, "max_length": t.max_length, "weight_decay": t.weight_decay,
-                "log_every": t.log_every, "checkpoint_every": t.checkpoint_every, "precision": self.spec.precision,
-                "strategy": t.strategy, "gradient_checkpointing": t.gradient_checkpointing}
+    def settings(self) -> TrainSettings:
+        return TrainSettings.of(self.spec.train, precision=self.spec.precision)

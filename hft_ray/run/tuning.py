@@ -164,8 +164,8 @@ def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, boa
             manifest: Manifest, services: Services, samples: int) -> TuneResult:
     spec, space = prepared.spec, loaded.space
     checkpoint, row = _base(prepared, manifest, services, board, have)
-    context = TrialContext(loaded.pipeline_data, prepared.domains, checkpoint, row, services, str(manifest.folder),
-                           space.objective, prepared.metrics)
+    context = TrialContext(_with_steps(loaded.pipeline_data, spec), prepared.domains, checkpoint, row, services,
+                           str(manifest.folder), space.objective, prepared.metrics)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     path = manifest.folder / "tune"
     storage, filesystem = manifest.folder.for_ray()  # Tune's storage: the search's folder or prefix
@@ -202,3 +202,13 @@ def _tune_config(loaded: LoadedSpace, samples: int) -> tune.TuneConfig:
                                   reduction_factor=space.scheduler.reduction_factor)
     return tune.TuneConfig(metric="objective", mode=space.objective.direction, num_samples=samples,
                            scheduler=scheduler, max_concurrent_trials=space.max_concurrent)
+
+
+def _with_steps(pipeline_data: dict, spec) -> dict:
+    """The searched pipeline with the steps the preflight derived for stages given in epochs, so
+    a trial (which parses the file's data again) trains the steps `hft-ray run` would."""
+    data = json.loads(json.dumps(pipeline_data))
+    for raw, stage in zip(data.get("stages", []), spec.stages, strict=True):
+        if raw.pop("epochs", None) is not None:
+            raw["steps"] = stage.steps
+    return data

@@ -18,7 +18,7 @@ from hft_ray.train.stage import TRAIN_LOG_FILE, train_stage, trained_event
 
 
 def train_branch(job: BranchJob, channel: Channel) -> None:
-    runtime = start_runtime(job.threads, job.strategy)
+    runtime = start_runtime(job.threads, job.settings.strategy)
     while job.wait_for_start and not is_whole(job.start):
         time.sleep(0.5)  # another branch's first stage, pretraining, writes it
     with channel.restored() as folder:  # set when the worker group restarts after a failure

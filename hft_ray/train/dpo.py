@@ -63,13 +63,14 @@ def with_reference(model, encoded: dict[str, torch.Tensor], batch_size: int = 64
     """`encoded` plus reference_chosen / reference_rejected: `model`'s log-probabilities now."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     rows = encoded["chosen_input_ids"].shape[0]
     chosen, rejected = [], []
-    for start in range(0, rows, batch_size):
-        part = {k: v[start:start + batch_size] for k, v in encoded.items()}
+    for start in range(0, rows, batch_size):  # a batch at a time on the device; the pairs stay where they are
+        part = {k: v[start:start + batch_size].to(device) for k, v in encoded.items()}
         c, r = pair_logps(model, part)
-        chosen.append(c)
-        rejected.append(r)
+        chosen.append(c.to(encoded["chosen_input_ids"].device))
+        rejected.append(r.to(encoded["chosen_input_ids"].device))
     model.train(was_training)
     return {**encoded, "reference_chosen": torch.cat(chosen), "reference_rejected": torch.cat(rejected)}
 
@@ -78,7 +79,8 @@ def dpo_step_loss(beta: float):
     """A `loss_fn(model, batch)` for the training loop, on batches of `with_reference` data."""
     def loss_fn(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen, rejected = pair_logps(model, batch)
-        return dpo_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"], beta)
+        loss = dpo_loss(chosen, rejected, batch["reference_chosen"], batch["reference_rejected"], beta)
+        return loss * batch.get("share", 1.0)  # a micro-batch's part of the step's mean
     return loss_fn
 
 

@@ -5,17 +5,43 @@ where neither Ray nor the pipeline file's schema is installed."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from hft_ray.data.batching import Part
 from hft_ray.data.domains import Example, Preference
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How every stage of a branch trains: the pipeline's `train:` keys of the same names, as the
+    preflight validated them (hft_ray/config/spec.py TrainSpec). A key added there and here
+    reaches the stage; nothing in between lists it."""
+
+    batch_size: int = 32               # sequences per optimizer step, over every worker
+    micro_batch_size: int | None = None  # sequences per forward pass on a worker (None: its whole share)
+    max_length: int = 64
+    packing: bool = False              # rows concatenated up to max_length (hft_ray/data/batching.py)
+    group_by_length: bool = False
+    weight_decay: float = 0.0
+    log_every: int = 25
+    checkpoint_every: int = 0          # steps between resumable checkpoints (0: stage ends only)
+    precision: str = "fp32"            # fp32 | bf16 | bf16-mixed (hft_ray/train/precision.py)
+    strategy: str = "ddp"              # ddp | fsdp (hft_ray/train/runtime.py)
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, train, **resolved) -> TrainSettings:
+        """From a validated `train:` section (any object with these attributes); `resolved`
+        overrides the keys the spec resolves elsewhere (precision's default)."""
+        return cls(**{f.name: resolved.get(f.name, getattr(train, f.name)) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
 class StageJob:
     index: int                 # the stage's number in the pipeline, 1-based (0: pretraining)
     label: str                 # "hft stage 2/3 (caesar)", for progress lines
-    examples: tuple[Example, ...] | tuple[Preference, ...]
+    parts: tuple[Part, ...]    # an SFT stage's rows: token folders (hft_ray/data/batching.py)
     steps: int
     lr: float
     seed: int                  # the batch order; seed * 1000 + index in a pipeline
@@ -24,6 +50,7 @@ class StageJob:
     loss: str = "sft"          # "sft": causal-LM loss; "dpo": preference pairs against the stage's start
     beta: float = 0.1          # DPO's beta
     earlier: tuple[tuple[Example, ...], ...] = ()  # what the model learnt before (importance-aware HFT)
+    pairs: tuple[Preference, ...] = ()  # a DPO stage's preference pairs (few: they travel with the job)
     threads: int = 0           # torch threads on CPU for this stage (0: the branch's)
 
 
@@ -34,15 +61,8 @@ class BranchJob:
     name: str                  # the method's name in the pipeline ("hft"), or "pretrain"
     start: str
     stages: tuple[StageJob, ...]
-    batch_size: int = 32
-    max_length: int = 64
-    weight_decay: float = 0.0
-    log_every: int = 25
-    checkpoint_every: int = 0  # steps between resumable checkpoints (0: stage ends only)
+    settings: TrainSettings = TrainSettings()
     threads: int = 1           # torch intra-op threads per worker on CPU
-    precision: str = "fp32"    # fp32 | bf16 | bf16-mixed (hft_ray/train/precision.py)
-    strategy: str = "ddp"      # ddp | fsdp (hft_ray/train/runtime.py)
-    gradient_checkpointing: bool = False
     wait_for_start: bool = False  # `start` is being written elsewhere (another branch pretrains it)
 
     def start_of(self, index: int) -> str:
@@ -56,10 +76,12 @@ class BranchJob:
     @classmethod
     def from_json(cls, text: str) -> BranchJob:
         data = json.loads(text)
-        stages = tuple(StageJob(**{**s, "examples": tuple(_example(e) for e in s["examples"]),
+        settings = TrainSettings(**data.pop("settings"))
+        stages = tuple(StageJob(**{**s, "parts": tuple(Part(**p) for p in s["parts"]),
+                                   "pairs": tuple(Preference(**p) for p in s["pairs"]),
                                    "earlier": tuple(tuple(_example(e) for e in part) for part in s["earlier"])})
                        for s in data.pop("stages"))
-        return cls(**data, stages=stages)
+        return cls(**data, stages=stages, settings=settings)
 
     @classmethod
     def load(cls, path: str | Path) -> BranchJob:

@@ -41,8 +41,8 @@ class Runtime:
     def place(self, model: torch.nn.Module, job) -> torch.nn.Module:
         """The model on this worker's device, in the precision it trains in, with activations
         recomputed in the backward pass if the job asks (transformers' own checkpointing)."""
-        model = cast(model, job.precision).to(self.device)
-        if job.gradient_checkpointing:
+        model = cast(model, job.settings.precision).to(self.device)
+        if job.settings.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -53,6 +53,14 @@ class Runtime:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks (every rank must call it)."""
+        if self.world == 1:
+            return float(value)
+        box = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(box)
+        return float(box.item()) / self.world
 
     def broadcast(self, value):
         """Rank 0's `value`, on every rank."""

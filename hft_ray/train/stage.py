@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from hft_ray.data.encoding import batches
 from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
 from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
 from hft_ray.train.job import BranchJob, StageJob
 from hft_ray.train.loop import make_optimizer, run_steps
-from hft_ray.train.losses import stage_data
+from hft_ray.train.losses import StageData, stage_data
 from hft_ray.train.methods import build_method
 from hft_ray.train.precision import autocast
 from hft_ray.train.resumable import Progress, optimizer_bytes, read_state, write_progress, write_state
@@ -40,7 +39,7 @@ class StageRecorder:
         self.progress.step_times.append(time.perf_counter() - self.last)
         self.progress.losses.append(loss)
         self.progress.step = step
-        every, steps = self.job.log_every, self.stage.steps
+        every, steps = self.job.settings.log_every, self.stage.steps
         if self.runtime.rank == 0 and (step % every == 0 or step == steps):
             recent = self.progress.step_times[-every:]
             steps_per_s = len(recent) / sum(recent)
@@ -48,7 +47,8 @@ class StageRecorder:
             # Not print(): Ray Train patches it into a logger that echoes each line twice.
             sys.stdout.write(f"[hft-ray] {self.stage.label}: step {step}/{steps} loss {loss:.4f}\n")
             sys.stdout.flush()
-        if self.save and self.job.checkpoint_every and step % self.job.checkpoint_every == 0 and step < steps:
+        every_save = self.job.settings.checkpoint_every
+        if self.save and every_save and step % every_save == 0 and step < steps:
             self.save(self.progress)
         self.last = time.perf_counter()  # checkpoint time is not step time
 
@@ -71,14 +71,14 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
               resume: Progress | None = None, resume_folder: Path | None = None) -> tuple[torch.nn.Module, dict, dict]:
     """The stage's optimizer steps: (the trained plain model, what it trained, its training log)."""
     torch.manual_seed(stage.seed)
-    data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime), runtime.device)
+    data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime))
     method = build_method(stage, job)
     model = method.prepare(model, tokenizer, runtime)
     counts = method.counts(model)
     if runtime.rank == 0:
         channel.notify(StageStarted(job.name, stage.index, stage.steps, method.describe(), **counts))
     trained = runtime.wrap(model)
-    optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, job.weight_decay, stage.steps)
+    optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, job.settings.weight_decay, stage.steps)
     progress = resume if resume is not None and resume.step and method.resumable else Progress(stage.index)
     if progress.step:
         _resume(progress, resume_folder, trained, optimizer, scheduler, job, stage, runtime, channel)
@@ -95,9 +95,9 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
         method.after_step(step)
 
     with _threads(stage, runtime):
-        run_steps(trained, optimizer, scheduler, _feed(data.tensors, job, stage, runtime, progress.step), stage.steps,
-                  on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
-                  forward_context=lambda: autocast(job.precision, runtime.device))
+        run_steps(trained, optimizer, scheduler, _feed(data, tokenizer, job, stage, runtime, progress.step),
+                  stage.steps, on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
+                  forward_context=lambda: autocast(job.settings.precision, runtime.device), reduce=runtime.mean)
     model = method.finish(unwrap(trained))
     return model, method.describe(), {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer)}
 
@@ -124,12 +124,11 @@ def _reference(model, job: BranchJob, stage: StageJob, resume: Progress | None, 
     return runtime.place(load_checkpoint(job.start_of(stage.index))[0], job)
 
 
-def _feed(tensors: dict, job: BranchJob, stage: StageJob, runtime: Runtime, done: int):
-    """This rank's batches on its device, past the `done` batches already trained on."""
-    stream = batches(tensors, job.batch_size, stage.seed, runtime.rank, runtime.world)
-    for _ in range(done):
-        next(stream)
-    return ({k: v.to(runtime.device) for k, v in batch.items()} for batch in stream)
+def _feed(data: StageData, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, done: int):
+    """This rank's micro-batches of each step on its device, past the `done` steps already trained."""
+    for micro_batches in data.steps(job, stage, tokenizer, runtime.rank, runtime.world, done):
+        yield [{k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+               for batch in micro_batches]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import torch
 from hft_ray.data.domains import BUILTIN_DOMAINS, Example
 from hft_ray.data.encoding import IGNORE_INDEX, encode
 from hft_ray.data.loading import DomainData, load_domain, render_chat
-from hft_ray.data.mixing import mix_replay
 from hft_ray.errors import UserError
 from hft_ray.train.models import char_tokenizer
 
@@ -133,7 +132,8 @@ def test_a_file_marked_knowledge_in_the_pipeline_is_evaluated_on_its_training_ro
     spec = parse_spec({"name": "k", "model": {"source": "builtin:tiny-llama"},
                        "domains": {"mine": {"source": {"path": str(path)}, "knowledge": True, "match": "word"},
                                    "held": {"source": {"path": str(path)}}},
-                       "stages": [{"domain": "mine", "steps": 1}], "methods": {"fft": {"kind": "fft"}}})
+                       "stages": [{"domain": "mine", "steps": 1}], "methods": {"fft": {"kind": "fft"}},
+                       "output": {"dir": str(tmp_path / "runs")}})
     domains = prepare(spec).domains
     mine = domains["mine"]
     assert mine.is_knowledge and mine.eval == mine.train and len(mine.eval) == 20
@@ -233,16 +233,3 @@ def test_preference_rows_load_from_a_file_as_pairs(tmp_path):
     assert data.is_preference and len(data.train) == 16 and len(data.eval) == 4  # a fifth held out
     assert data.train[0].chosen == " good" and data.train[0].rejected == " bad"
 
-
-@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
-def test_replay_makes_up_the_fraction_the_file_says_drawn_from_earlier_domains(fraction):
-    current = [Example(f"U {i}=", "x") for i in range(300)]
-    earlier = [[Example(f"C {i}=", "y") for i in range(50)], [Example(f"M {i}=", "z") for i in range(80)]]
-    mixed = mix_replay(current, earlier, fraction, seed=1)
-    replayed = [e for e in mixed if not e.prompt.startswith("U")]
-    assert len(replayed) / len(mixed) == pytest.approx(fraction, abs=1 / len(mixed))
-    assert mixed[:300] == current, "every current example is kept"
-    by_domain = [sum(e.prompt[0] == p for e in replayed) for p in "CM"]
-    assert abs(by_domain[0] - by_domain[1]) <= 1, "drawn evenly across earlier domains"
-    assert mix_replay(current, earlier, fraction, seed=1) == mixed
-    assert mix_replay(current, [], fraction, seed=1) == current

@@ -15,7 +15,8 @@ def test_a_template_file_is_saved_with_the_base_checkpoint(tmp_path):
     (tmp_path / "chat.jinja").write_text(TEMPLATE)
     spec = parse_spec({"name": "t", "model": {"source": "builtin:tiny-llama", "chat_template": "chat.jinja"},
                        "domains": {"copy": {"source": "builtin:copy", "eval_size": 8, "train_size": 16}},
-                       "stages": [{"domain": "copy", "steps": 1}], "methods": {"fft": {"kind": "fft"}}}, "test")
+                       "stages": [{"domain": "copy", "steps": 1}], "methods": {"fft": {"kind": "fft"}},
+                       "output": {"dir": str(tmp_path / "runs")}}, "test")
     prepared = prepare(spec, tmp_path)  # the file is named relative to the pipeline's folder
     assert prepared.spec.model.chat_template == str(tmp_path / "chat.jinja")
     _, tokenizer = load_checkpoint(initial_checkpoint(prepared.spec, Location(tmp_path / "out")))

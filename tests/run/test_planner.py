@@ -8,6 +8,7 @@ import torch
 import hft_ray.train.stage as stage_module
 from hft_ray.config.preflight import prepare
 from hft_ray.config.spec import parse_spec
+from hft_ray.data.batching import Part, Pool
 from hft_ray.data.encoding import encode
 from hft_ray.run.planner import Planner
 from hft_ray.train.channel import LocalChannel
@@ -22,21 +23,20 @@ def _planner(tmp_path):
                     "caesar": {"source": "builtin:caesar", "train_size": 60}},
         "stages": [{"domain": "upper", "steps": 7}, {"domain": "caesar", "steps": 9}],
         "methods": {"fft": {"kind": "fft"}, "mtl": {"kind": "joint"}, "replay": {"kind": "fft", "replay": 0.25}},
-        "train": {"batch_size": 16, "max_length": 64}})
-    prepared = prepare(spec)
+        "train": {"batch_size": 16, "max_length": 64}, "output": {"dir": str(tmp_path)}})
+    prepared = prepare(spec)  # tokenizes every domain into tmp_path/tokens
     return Planner(spec, prepared.domains, tmp_path), prepared.domains
 
 
-def test_joint_trains_every_stage_on_all_the_stages_data_mixed_evenly_for_the_stages_steps(tmp_path):
+def test_joint_trains_every_stage_on_all_the_stages_data_by_their_own_sizes_for_the_stages_steps(tmp_path):
     planner, domains = _planner(tmp_path)
     joint = planner.branch("mtl", 1, "base").stages
     sequential = planner.branch("fft", 1, "base").stages
     assert [s.steps for s in joint] == [s.steps for s in sequential] == [7, 9]
-    assert joint[0].examples == joint[1].examples
-    counts = Counter(joint[0].examples)
-    assert set(counts) == set(domains["upper"].train) | set(domains["caesar"].train)
-    assert len(joint[0].examples) == 120  # each domain up to the largest one's 60 rows
-    assert sequential[1].examples == domains["caesar"].train
+    assert joint[0].parts == joint[1].parts == (Part(domains["upper"].tokens), Part(domains["caesar"].tokens))
+    assert len(Pool(joint[0].parts)) == 100, "each domain once: 40 + 60 rows, none upsampled"
+    assert sequential[1].parts == (Part(domains["caesar"].tokens),)
+    assert all(str(tmp_path / "tokens") in p.folder for p in joint[0].parts), "token folders under output.dir"
     assert joint[0].method["kind"] == "joint" and joint[1].output.endswith("mtl/stage-2")
 
 
@@ -58,9 +58,10 @@ def test_replay_puts_earlier_stages_rows_into_the_batches_a_later_stage_trains_o
 
     def run_steps_seen(model, optimizer, scheduler, data, *args, **kwargs):
         def recorded():
-            for batch in data:
-                seen.extend(rows(batch))
-                yield batch
+            for micro_batches in data:
+                for batch in micro_batches:
+                    seen.extend(rows(batch))
+                yield micro_batches
         return run_steps(model, optimizer, scheduler, recorded(), *args, **kwargs)
 
     monkeypatch.setattr(stage_module, "run_steps", run_steps_seen)
@@ -77,6 +78,6 @@ def test_replay_puts_earlier_stages_rows_into_the_batches_a_later_stage_trains_o
     counts, replayed = trained_rows("replay", 2, 5)
     assert counts == {"caesar": 60, "upper": 20}
     assert set(replayed) >= caesar, "one epoch: every caesar row once"
-    assert len({row for row in replayed if row in upper}) > 10, "drawn across upper's rows, not one repeated"
+    assert len({row for row in replayed if row in upper}) == 20, "20 of upper's 40 rows, none repeated"
     assert trained_rows("fft", 2, 4)[0] == {"caesar": 64}
     assert trained_rows("replay", 1, 2)[0] == {"upper": 32}

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hft_ray.data.batching import part_of
 from hft_ray.data.domains import BUILTIN_DOMAINS
 from hft_ray.train.branch import train_branch
 from hft_ray.train.channel import LocalChannel
 from hft_ray.train.checkpoints import write_checkpoint
 from hft_ray.train.events import StageStarted, StageTrained, StepsDone
-from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.job import BranchJob, StageJob, TrainSettings
 from hft_ray.train.models import load_model, load_tokenizer
 
 HFT = {"kind": "hft", "granularity": "category", "ratio": 0.5, "seed": 0}
@@ -32,12 +33,15 @@ def make_job(folder: Path, method: dict = HFT, steps: int = 12, checkpoint_every
     if not base.exists():
         write_checkpoint(base, load_model("builtin:tiny-llama", seed=0), load_tokenizer("builtin:tiny-llama"))
     upper, caesar = examples("upper", 128, 0), examples("caesar", 128, 1)
-    stages = (StageJob(1, "s1", upper, steps, 2e-3, 1, str(folder / "hft" / "stage-1"), method),
-              StageJob(2, "s2", caesar, steps, 2e-3, 2, str(folder / "hft" / "stage-2"), method, earlier=(upper,)),
-              StageJob(3, "s3", examples("prefer", 64, 2), 4, 2e-3, 3, str(folder / "hft" / "stage-3"), method,
-                       loss="dpo", beta=0.5))
-    return BranchJob("hft", str(base), stages, batch_size=16, max_length=32, log_every=4,
-                     checkpoint_every=checkpoint_every)
+    tokenizer, store = load_tokenizer("builtin:tiny-llama"), folder / "tokens"
+    stages = (StageJob(1, "s1", (part_of(upper, tokenizer, store, max_length=32),), steps, 2e-3, 1,
+                       str(folder / "hft" / "stage-1"), method),
+              StageJob(2, "s2", (part_of(caesar, tokenizer, store, max_length=32),), steps, 2e-3, 2,
+                       str(folder / "hft" / "stage-2"), method, earlier=(upper,)),
+              StageJob(3, "s3", (), 4, 2e-3, 3, str(folder / "hft" / "stage-3"), method,
+                       loss="dpo", beta=0.5, pairs=examples("prefer", 64, 2)))
+    return BranchJob("hft", str(base), stages, TrainSettings(batch_size=16, max_length=32, log_every=4,
+                                                             checkpoint_every=checkpoint_every))
 
 
 class Crash(Exception):
@@ -113,7 +117,7 @@ def test_a_job_round_trips_through_json(tmp_path):
 
 def test_two_processes_under_torchrun_train_one_branch_with_ddp(tmp_path):
     job = make_job(tmp_path, steps=8)
-    job = BranchJob(job.name, job.start, job.stages[:1], batch_size=16, max_length=32, log_every=4)
+    job = BranchJob(job.name, job.start, job.stages[:1], TrainSettings(batch_size=16, max_length=32, log_every=4))
     (tmp_path / "job.json").write_text(job.to_json())
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "-m", "hft_ray.train", str(tmp_path / "job.json")],
@@ -130,8 +134,8 @@ def test_two_processes_under_torchrun_train_one_branch_with_ddp(tmp_path):
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("bf16-mixed", torch.float32)])
 def test_a_branch_trains_in_bf16_with_gradient_checkpointing_and_keeps_its_dtype(tmp_path, precision, dtype):
     job = make_job(tmp_path, steps=8)
-    job = BranchJob(job.name, job.start, job.stages[:2], batch_size=16, max_length=32, log_every=4,
-                    precision=precision, gradient_checkpointing=True)
+    job = BranchJob(job.name, job.start, job.stages[:2], TrainSettings(
+        batch_size=16, max_length=32, log_every=4, precision=precision, gradient_checkpointing=True))
     events = run(job, tmp_path)
     trained = [e for e in events if isinstance(e, StageTrained)]
     assert len(trained) == 2 and trained[0].losses[-1] < trained[0].losses[0]
@@ -160,7 +164,8 @@ def torchrun(tmp_path: Path, job: BranchJob, name: str, *extra: str) -> tuple[in
 def sharded_job(tmp_path: Path, name: str, method: dict = HFT, **settings) -> BranchJob:
     job = make_job(tmp_path, method, steps=8)
     stages = tuple(dataclasses.replace(s, output=str(tmp_path / name / f"stage-{s.index}")) for s in job.stages[:2])
-    return dataclasses.replace(job, stages=stages, batch_size=16, log_every=4, **settings)
+    return dataclasses.replace(job, stages=stages, settings=dataclasses.replace(job.settings, batch_size=16,
+                                                                                log_every=4, **settings))
 
 
 def trained(events: list[dict], stage: int) -> dict:

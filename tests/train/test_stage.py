@@ -6,9 +6,10 @@ import torch
 
 import hft_ray.train.stage as stage_module
 from hft_ray.core.selection import model_units, plan_units
+from hft_ray.data.batching import part_of
 from hft_ray.data.loading import load_domain
 from hft_ray.train.channel import LocalChannel
-from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.job import BranchJob, StageJob, TrainSettings
 from hft_ray.train.models import char_tokenizer, load_model
 from hft_ray.train.runtime import Runtime
 
@@ -28,8 +29,9 @@ def test_reselect_every_trains_the_stages_next_plan_every_k_steps(tmp_path, monk
     examples = tuple(load_domain("upper", "builtin:upper", seed=0, train_size=64).train)
     method = {"kind": "hft", "granularity": "category", "ratio": 0.5, "seed": SEED,
               **({"reselect_every": reselect_every} if reselect_every else {})}
-    stage = StageJob(STAGE, "hft stage 2/2 (upper)", examples, STEPS, 1e-3, 7, str(tmp_path / "out"), method)
-    job = BranchJob("hft", "", (stage,), batch_size=8, max_length=64, log_every=STEPS)
+    parts = (part_of(examples, char_tokenizer(), tmp_path / "tokens", max_length=64),)
+    stage = StageJob(STAGE, "hft stage 2/2 (upper)", parts, STEPS, 1e-3, 7, str(tmp_path / "out"), method)
+    job = BranchJob("hft", "", (stage,), TrainSettings(batch_size=8, max_length=64, log_every=STEPS))
     snapshots = {0: weights(model)}
     run_steps = stage_module.run_steps
 
@@ -56,3 +58,36 @@ def test_reselect_every_trains_the_stages_next_plan_every_k_steps(tmp_path, monk
         assert len({frozenset(names) for names in moved}) == 3, "each period trains a different half"
         assert selection.get("reselect_every") == EVERY and selection["trained"] == sorted(plans[0].trained)
     assert all(0 < len(names) < len(snapshots[0]) for names in moved)
+
+
+def _fit(tmp_path, method: dict, steps: int = 3, **settings):
+    """A stage of `steps` steps on 48 upper rows (batch 8) in this process: (start, trained) weights."""
+    model = load_model("builtin:tiny-llama", seed=0)
+    start = weights(model)
+    examples = tuple(load_domain("upper", "builtin:upper", seed=0, train_size=48).train)
+    parts = (part_of(examples, char_tokenizer(), tmp_path / "tokens", max_length=64),)
+    stage = StageJob(1, "stage 1/1 (upper)", parts, steps, 1e-3, 7, str(tmp_path / "out"), method)
+    job = BranchJob("m", "", (stage,), TrainSettings(batch_size=8, max_length=64, log_every=steps, **settings))
+    trained, _, log = stage_module.fit_stage(model, char_tokenizer(), job, stage, Runtime(0, 1, torch.device("cpu")),
+                                             LocalChannel(tmp_path, on_event=lambda event: None))
+    return start, weights(trained), log["losses"]
+
+
+def test_micro_batches_accumulate_to_the_step_one_batch_would_take(tmp_path):
+    """Batch 8 as 4 micro-batches of 2 rows of different lengths: the loss is the mean over the
+    step's learnt tokens either way, so the losses and the weights agree to float rounding."""
+    _, whole, whole_losses = _fit(tmp_path / "a", {"kind": "fft"})
+    _, accumulated, accumulated_losses = _fit(tmp_path / "b", {"kind": "fft"}, micro_batch_size=2)
+    assert accumulated_losses == pytest.approx(whole_losses, abs=1e-5)
+    assert all(torch.allclose(whole[n], accumulated[n], atol=1e-5) for n in whole)
+    _, packed, _ = _fit(tmp_path / "c", {"kind": "fft"}, packing=True)
+    assert any(not torch.equal(whole[n], packed[n]) for n in whole), "packing trains other batches"
+
+
+def test_frozen_tensors_stay_bitwise_unchanged_under_gradient_accumulation(tmp_path):
+    method = {"kind": "hft", "granularity": "category", "ratio": 0.5, "seed": 3}
+    start, trained, _ = _fit(tmp_path, method, micro_batch_size=2, packing=True)
+    plan = plan_units(model_units(load_model("builtin:tiny-llama", seed=0)), "llama", "category", 0.5, 3, 1)
+    frozen = {name for name, mask in plan.param_masks().items() if mask is False}
+    assert frozen and all(torch.equal(start[n], trained[n]) for n in frozen)
+    assert all(not torch.equal(start[n], trained[n]) for n in start if n not in frozen)

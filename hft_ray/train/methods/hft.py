@@ -39,8 +39,8 @@ class HalfFineTuning(Method):
         scores = None
         if runtime.rank == 0:
             scores = measure(model, tokenizer, model_units(model), self.stage.earlier,
-                             batches=self.config.get("importance_batches", 4), batch_size=self.job.batch_size,
-                             max_length=self.job.max_length, seed=self.stage.seed)
+                             batches=self.config.get("importance_batches", 4), batch_size=self.job.settings.batch_size,
+                             max_length=self.job.settings.max_length, seed=self.stage.seed)
         return runtime.broadcast(scores)
 
     def parameters(self, model) -> list[torch.nn.Parameter]:
