@@ -22,50 +22,47 @@ from pathlib import Path
 
 
 def plain_process(path: str, threads: int) -> dict:
-    """Pretrain, then every method's stages in order, evaluating every domain after each."""
+    """Pretrain, then every method's stages in order, evaluating every domain after each: the
+    planner's jobs and the stage function the workers run, in this process."""
     import torch
 
     from hft_ray.config.preflight import prepare
-    from hft_ray.config.spec import HFTMethod, load_spec
-    from hft_ray.core.selection import select
-    from hft_ray.data.encoding import encode
-    from hft_ray.data.mixing import mix_balanced
+    from hft_ray.config.spec import load_spec
+    from hft_ray.run.planner import Planner
+    from hft_ray.train.channel import LocalChannel
     from hft_ray.train.evaluation import evaluate
-    from hft_ray.train.loop import train
     from hft_ray.train.models import load_model, load_tokenizer
+    from hft_ray.train.runtime import Runtime
+    from hft_ray.train.stage import fit_stage
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # as the product's workers do
     spec, _ = load_spec(path)
-    prepared = prepare(spec, Path(path).parent)
-    tokenizer = load_tokenizer(spec.model.source)
-    encoded = {n: encode(list(d.train), tokenizer, spec.train.max_length, domain=n)
-               for n, d in prepared.domains.items()}
-    evals = {n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = prepare(spec.model_copy(update={"output": spec.output.model_copy(update={"dir": folder})}),
+                           Path(path).parent)
+        spec, tokenizer = prepared.spec, load_tokenizer(spec.model.source)
+        planner, runtime = Planner(spec, prepared.domains, folder), Runtime(0, 1, torch.device("cpu"))
+        channel = LocalChannel(Path(folder) / "channel", on_event=lambda event: None)
+        evals = {n: list(d.eval[: spec.eval.max_examples]) for n, d in prepared.domains.items()}
 
-    def evaluate_all(model):
-        return {n: evaluate(model, tokenizer, ex, max_new_tokens=spec.eval.max_new_tokens,
-                            batch_size=spec.eval.batch_size)[prepared.metrics[n]] for n, ex in evals.items()}
+        def evaluate_all(model):
+            return {n: evaluate(model, tokenizer, ex, max_new_tokens=spec.eval.max_new_tokens,
+                                batch_size=spec.eval.batch_size)[prepared.metrics[n]] for n, ex in evals.items()}
 
-    base = load_model(spec.model.source, seed=spec.seed)
-    if spec.pretrain:
-        mixed = mix_balanced([prepared.domains[n].train for n in spec.pretrain.domains])
-        train(base, encode(mixed, tokenizer, spec.train.max_length), steps=spec.pretrain.steps, lr=spec.pretrain.lr,
-              batch_size=spec.train.batch_size, seed=spec.seed)
-    rows = {"base": evaluate_all(base)}
-    domains = list(dict.fromkeys(stage.domain for stage in spec.stages))
-    joint = encode(mix_balanced([prepared.domains[n].train for n in domains]), tokenizer, spec.train.max_length)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    for method, config in spec.methods.items():
-        base.load_state_dict(state)
-        for index, stage in enumerate(spec.stages, start=1):
-            plan = select(base, config.granularity, config.ratio, config.seed if config.seed is not None else spec.seed,
-                          index) if isinstance(config, HFTMethod) else None
-            data = joint if config.kind == "joint" else encoded[stage.domain]
-            train(base, data, steps=stage.steps, lr=spec.stage_lr(stage),
-                  batch_size=spec.train.batch_size, plan=plan, weight_decay=spec.train.weight_decay,
-                  seed=spec.seed * 1000 + index)
-            rows[f"{method}/{index}"] = evaluate_all(base)
+        base = load_model(spec.model.source, seed=spec.seed)
+        if spec.pretrain:
+            job = planner.pretrain("", threads)
+            base = fit_stage(base, tokenizer, job, job.stages[0], runtime, channel)[0]
+        rows = {"base": evaluate_all(base)}
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        for method in spec.methods:
+            base.load_state_dict(state)
+            job = planner.branch(method, 1, "")
+            model = base
+            for stage in job.stages:
+                model = fit_stage(model, tokenizer, job, stage, runtime, channel)[0]
+                rows[f"{method}/{stage.index}"] = evaluate_all(model)
     return rows
 
 

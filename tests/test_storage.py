@@ -78,3 +78,19 @@ def test_a_missing_bucket_and_a_refused_key_are_named(aws, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws.env["AWS_SECRET_ACCESS_KEY"])
     check_writable(Location(f"s3://{aws.bucket}/runs"), "output.dir")
     assert aws.keys("runs/") == [], "the probe object is deleted"
+
+
+def test_a_token_folder_in_the_store_is_found_again_and_read_from_a_node_cache(aws, tmp_path):
+    from hft_ray.data.batching import Part, Pool
+    from hft_ray.data.domains import Example
+    from hft_ray.data.encoding import encode_example
+    from hft_ray.data.tokens import tokenized
+
+    rows = [Example(f"Q{i}=", f" a{i}") for i in range(30)]
+    store = Location(f"s3://{aws.bucket}/tokens-test")
+    where, meta = tokenized(rows, char_tokenizer(), store, max_length=32, chat=False)
+    assert where.startswith("s3://") and (Location(where) / "meta.json").is_file() and "reused" not in meta
+    assert tokenized(rows, char_tokenizer(), store, max_length=32, chat=False)[1]["reused"]
+    pool = Pool([Part(where)])
+    assert [ids for ids, _ in pool.read(range(30))] == [encode_example(e, char_tokenizer())[0] for e in rows]
+    Location(where).remove()

@@ -81,6 +81,8 @@ def _say_rows(prepared) -> None:
     for note in prepared.spec.notes:
         print(f"[hft-ray] {note}", file=sys.stderr)
     for name, report in prepared.rows.items():
+        if report.tokens:
+            print(f"[hft-ray] {report.tokens_line(name)}", file=sys.stderr)
         if report.truncated or report.dropped:
             print(f"[hft-ray] {report.line(name, prepared.spec.train.max_length)}", file=sys.stderr)
     for line in prepared.steps_from_epochs:
@@ -90,6 +92,14 @@ def _say_rows(prepared) -> None:
 def _storage_override(args: argparse.Namespace, prefix: str = "") -> list[str]:
     """--storage-path as the --set it stands for."""
     return [] if args.storage_path is None else [f"{prefix}output.dir={json.dumps(args.storage_path)}"]
+
+
+def _fits_here(args: argparse.Namespace, spec) -> None:
+    """On an embedded Ray (no --address): `_fits` against this machine."""
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        from hft_ray.run.cluster import embedded_capacity
+
+        _fits(spec, embedded_capacity())
 
 
 def _fits(spec, have) -> None:
@@ -117,12 +127,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from hft_ray.config.spec import load_spec
 
     spec, text = load_spec(args.pipeline, args.set + _storage_override(args))
+    _fits_here(args, spec)  # before the preflight writes token folders
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
     _say_rows(prepared)
 
     from hft_ray.cli.display import format_matrix
     from hft_ray.core.scores import describe
-    from hft_ray.run.cluster import embedded_capacity
     from hft_ray.run.manifest import resumable
     from hft_ray.run.pipeline import PipelineRun
     from hft_ray.run.runner import RunFailure
@@ -130,8 +140,6 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     try:
         with _progress_board(args.json) as board:
-            if not (args.address or os.environ.get("RAY_ADDRESS")):
-                _fits(spec, embedded_capacity())
             tracker = Tracker(resolve_tracking_uri(args.tracking_uri), spec.experiment)
             resume = resumable(tracker, prepared.spec, None if args.resume == "latest" else args.resume) \
                 if args.resume else None
@@ -159,18 +167,16 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples: {args.num_samples} is not a positive number of samples")
     loaded = load_space(args.space, args.set + _storage_override(args, "set."))
+    _fits_here(args, loaded.spec)  # before the preflight writes token folders
     prepared = prepare(loaded.spec, loaded.pipeline_path.parent)  # every input problem, before anything starts
     _say_rows(prepared)
 
-    from hft_ray.run.cluster import embedded_capacity
     from hft_ray.run.runner import RunFailure
     from hft_ray.run.tracking import SearchTracker, resolve_tracking_uri
     from hft_ray.run.tuning import resumable_search, run_search
 
     try:
         with _progress_board(args.json) as board:
-            if not (args.address or os.environ.get("RAY_ADDRESS")):
-                _fits(loaded.spec, embedded_capacity())
             tracker = SearchTracker(resolve_tracking_uri(args.tracking_uri), loaded.spec.experiment)
             resume = resumable_search(tracker, loaded, None if args.resume == "latest" else args.resume,
                                       args.num_samples) if args.resume else None

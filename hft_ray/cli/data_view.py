@@ -40,6 +40,9 @@ def run_data(args: argparse.Namespace) -> int:
         return 0
     for note in spec.notes:
         print(f"[hft-ray] {note}", file=sys.stderr)
+    for name, report in prepared.rows.items():
+        if report.tokens and name in described:
+            print(f"[hft-ray] {report.tokens_line(name)}", file=sys.stderr)
     _print(described, tokenizer, spec.train.max_length, [s.domain for s in spec.stages])
     return 0
 

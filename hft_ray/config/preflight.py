@@ -154,7 +154,14 @@ def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:
     if not problems:
         problems += _check_kinds(spec, domains)
     if not problems:
+        existed = Location(spec.output.dir).exists()
         domains, rows, problems = _fit_rows(spec, domains)
+        if problems:  # a refused pipeline leaves nothing behind: no token folder, no output folder it made
+            for report in rows.values():
+                if report.tokens and not report.reused:
+                    Location(report.tokens).remove()
+            if not existed:
+                Location(spec.output.dir).remove()
     if problems:
         raise UserError(*problems)
     spec, said = _steps_from_epochs(spec, domains)

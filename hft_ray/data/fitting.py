@@ -8,6 +8,7 @@ in a `RowReport`, which the command line prints one line per domain.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 from hft_ray.data.chat import as_chat, as_plain, has_template
@@ -25,6 +26,15 @@ class RowReport:
     truncated: int     # rows cut (the answer's end, or the prompt's start with truncate: left)
     dropped: int       # rows whose prompt leaves no room for the answer
     chat: bool         # rendered in the model's chat template
+    tokens: str | None = None  # the token folder of its training rows
+    reused: bool = False       # ... found there already (same fingerprint): nothing tokenized
+    rows_per_s: float = 0.0    # ... else how fast its rows were tokenized
+
+    def tokens_line(self, name: str) -> str:
+        if self.reused:
+            return f"domains.{name}: token folder {self.tokens} reused (same rows, tokenizer and settings)"
+        return (f"domains.{name}: {self.kept + self.truncated:,} training rows tokenized into {self.tokens} "
+                f"({self.rows_per_s:,.0f} rows/s)")
 
     def line(self, name: str, max_length: int) -> str:
         how = "chat template" if self.chat else "plain rendering"
@@ -55,6 +65,7 @@ def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assi
         return replace(data, train=train, eval=evaluated), RowReport(rows, rows, 0, 0, chat)
     render = (lambda e: as_chat(e, train_on == "assistant")) if chat else as_plain
     rendered = [render(e) for e in data.train]
+    started = time.perf_counter()
     if store is not None:
         folder, meta = tokenized(rendered, tokenizer, store, max_length=max_length, truncate=truncate, chat=chat,
                                  train_on=train_on)
@@ -74,8 +85,12 @@ def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assi
             if status != "dropped":
                 evaluated.append(example)
     if not train or not evaluated:
+        if store is not None and not meta.get("reused"):  # no row to train: no token folder left behind
+            Location(folder).remove()
         raise UserError(f"domains.{data.name}: no row leaves room for its answer within train.max_length="
                         f"{max_length} ({counts['dropped']} dropped); raise train.max_length, shorten the prompts, "
                         "or set truncate: left")
-    report = RowReport(sum(counts.values()), counts["kept"], counts["truncated"], counts["dropped"], chat)
+    speed = len(rendered) / max(time.perf_counter() - started, 1e-9)
+    report = RowReport(sum(counts.values()), counts["kept"], counts["truncated"], counts["dropped"], chat, folder,
+                       bool(store is not None and meta.get("reused")), speed)
     return replace(data, train=train, eval=tuple(evaluated), tokens=folder, token_rows=len(train)), report

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from hft_ray.data.domains import Example
@@ -75,31 +76,66 @@ def _chunks(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example
         yield examples[start:start + size]
 
 
+def _encode_batch(tokenizer, texts: list[str], special: bool) -> list:
+    """The texts' encodings, from the fast tokenizer's own batch call (parallel in Rust), or one
+    by one through a slow tokenizer (no `backend_tokenizer`) as plain id lists."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.encode_batch(texts, add_special_tokens=special)
+    return [tokenizer(text, add_special_tokens=special)["input_ids"] for text in texts]
+
+
+def _ids(encoding) -> list[int]:
+    return encoding if isinstance(encoding, list) else encoding.ids
+
+
+def _learnt(encoding, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """Labels: a token is learnt when it starts inside a span (character offsets) of the text."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for lo, hi in spans:
+        first = encoding.char_to_token(lo) if lo < hi else None
+        last = encoding.char_to_token(hi - 1) if lo < hi else None
+        if first is None or last is None:  # a span edge on no token: test every token's start
+            for k, (start, _) in enumerate(encoding.offsets):
+                if lo <= start < hi:
+                    labels[k] = ids[k]
+            continue
+        if encoding.token_to_chars(first)[0] < lo:  # it starts before the span: not the span's
+            first += 1
+        labels[first:last + 1] = ids[first:last + 1]
+    return labels
+
+
 def encode_rows(examples: Sequence[Example], tokenizer) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) of each example, unpadded and uncut, exactly as `encode_example` gives them,
-    with the text of a chunk tokenized in one batch call."""
+    with the texts of a chunk tokenized in batch calls and the learnt tokens found by character
+    offsets (no Python loop over tokens)."""
     from hft_ray.data.chat import learnt_spans
 
     chat = [e for e in examples if e.messages]
     plain = [e for e in examples if not e.messages]
     encoded: dict[int, tuple[list[int], list[int]]] = {}
     if plain:
-        prompts = tokenizer([e.prompt for e in plain], add_special_tokens=True)["input_ids"]
-        answers = tokenizer([e.completion for e in plain], add_special_tokens=False)["input_ids"]
+        prompts = _encode_batch(tokenizer, [e.prompt for e in plain], True)
+        answers = _encode_batch(tokenizer, [e.completion for e in plain], False)
         eos = completion_ids(tokenizer, "")  # [EOS]
         for example, prompt, answer in zip(plain, prompts, answers, strict=True):
+            prompt = _ids(prompt)
             if len(prompt) > 1 and tokenizer.eos_token_id is not None and prompt[-1] == tokenizer.eos_token_id:
                 prompt = prompt[:-1]  # as prompt_ids: no trailing EOS some tokenizers append
-            completion = list(answer) + eos
-            encoded[id(example)] = (list(prompt) + completion, [IGNORE_INDEX] * len(prompt) + completion)
+            completion = _ids(answer) + eos
+            encoded[id(example)] = (prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
     if chat:
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            from hft_ray.data.encoding import encode_example
+
+            return [encode_example(e, tokenizer) for e in examples]
         rendered = [learnt_spans(tokenizer, e.messages, e.all_turns) for e in chat]
-        batch = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        for example, (_, spans), ids, offsets in zip(chat, rendered, batch["input_ids"], batch["offset_mapping"],
-                                                     strict=True):
-            labels = [i if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-                      for i, (start, _) in zip(ids, offsets, strict=True)]
-            encoded[id(example)] = (list(ids), labels)
+        for example, (_, spans), encoding in zip(chat, rendered,
+                                                 _encode_batch(tokenizer, [t for t, _ in rendered], False),
+                                                 strict=True):
+            ids = encoding.ids
+            encoded[id(example)] = (ids, _learnt(encoding, ids, spans))
     return [encoded[id(e)] for e in examples]
 
 
@@ -135,11 +171,16 @@ def write_rows(rows: Iterable[tuple[list[int] | None, list[int] | None, str]], f
 
 
 def _batch(rows: list[tuple[list[int], list[int]]]) -> pa.RecordBatch:
-    return pa.record_batch([pa.array([ids for ids, _ in rows], pa.list_(pa.int32())),
-                            pa.array([labels for _, labels in rows], pa.list_(pa.int32())),
-                            pa.array([len(ids) for ids, _ in rows], pa.int32()),
-                            pa.array([sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in rows],
-                                     pa.int32())], schema=SCHEMA)
+    ids = pa.array([ids for ids, _ in rows], pa.list_(pa.int32()))
+    labels = pa.array([labels for _, labels in rows], pa.list_(pa.int32()))
+    offsets = labels.offsets.to_numpy()
+    scored = (labels.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX).astype(np.int64)
+    scored[offsets[:-1][offsets[:-1] < len(scored)]] = 0  # a row's first token is never scored
+    learnt = np.add.reduceat(scored, offsets[:-1]) if len(scored) else np.zeros(len(rows), np.int64)
+    learnt[offsets[:-1] == offsets[1:]] = 0  # reduceat's value for an empty row is not 0
+    lengths = np.diff(offsets)
+    return pa.record_batch([ids, labels, pa.array(lengths, pa.int32()), pa.array(learnt, pa.int32())],
+                           schema=SCHEMA)
 
 
 def read_meta(folder: Path) -> dict | None:
@@ -161,7 +202,7 @@ def tokenized(examples: Sequence[Example], tokenizer, store: Location, *, max_le
     key = fingerprint(examples, tokenizer_identity(tokenizer), max_length=max_length, truncate=truncate, **rendering)
     where = store / key
     if (where / META_FILE).is_file():
-        return str(where), json.loads((where / META_FILE).read_text())
+        return str(where), {**json.loads((where / META_FILE).read_text()), "reused": True}
     rows = tokenize_rows(examples, tokenizer, max_length, truncate)
     if not store.remote:
         store.path.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from hft_ray.run.progress import Board
 from hft_ray.run.runner import RunFailure
 from hft_ray.run.scheduler import BaseEvaluated, Branch, BranchEnded, BranchFailed, StageEvaluated
 from hft_ray.run.tracking import SystemMetrics, Tracker
+from hft_ray.storage import Location
 from hft_ray.train.checkpoints import read_json
 from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
 from hft_ray.train.stage import PLAN_FILE
@@ -67,6 +68,9 @@ class Recorder:
         entry["run_id"] = self.tracker.start_stage(self.manifest.parent_run_id, method, index,
                                                    self.spec.stages[index - 1].domain)
         self.tracker.log_selection(entry["run_id"], selection, self.planner.replay(method, index))
+        if self.spec.stages[index - 1].kind == "sft":  # the token folders the stage read (hft_ray/data/tokens.py)
+            folders = [Location(part.folder).name for part in self.planner.parts(method, index)]
+            self.tracker.log_params(entry["run_id"], {"data.tokens": ",".join(folders)})
         if selection.get("importance"):
             entry["importance"] = selection["importance"]
         self.manifest.save()

@@ -101,8 +101,9 @@ def test_the_job_records_mlflow_runs_and_checkpoints_where_told(project, submitt
     assert {"eval/notes", "eval/upper"} <= set(children[0].data.metrics)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "forgetting")} >= {"forgetting/hft.png",
                                                                                         "forgetting/hft.json"}
-    runs = list((project / "runs").iterdir())
+    runs = [folder for folder in (project / "runs").iterdir() if folder.name != "tokens"]  # tokens: the data's
     assert len(runs) == 1 and (runs[0] / "result.json").is_file() and (runs[0] / "base").is_dir()
+    assert len(list((project / "runs" / "tokens").iterdir())) == 2, "notes and upper, tokenized once each"
 
 
 def test_a_bad_file_is_refused_before_anything_is_submitted(ray_head, project):

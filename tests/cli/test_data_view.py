@@ -117,3 +117,20 @@ def test_a_missing_or_broken_template_file_exits_2_naming_it(tmp_path, capsys):
     assert main(["data", str(path), "--set", "model.chat_template=broken.jinja"]) == 2
     err = capsys.readouterr().err
     assert "model.chat_template:" in err and "does not render a chat (TemplateSyntaxError" in err
+
+
+def test_packing_is_reported_with_the_padding_it_saves(tmp_path, capsys):
+    rows = [{"prompt": "p" * (3 + i % 40) + "=", "completion": "a" * (1 + i % 13)} for i in range(200)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "packing", "model": {"source": "builtin:tiny-llama"},
+        "domains": {"rows": {"source": {"path": "rows.jsonl"}}}, "stages": [{"domain": "rows", "steps": 1}],
+        "methods": {"fft": {"kind": "fft"}}, "train": {"max_length": 128, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "runs")}}))
+    shares = {}
+    for packing in (False, True):
+        assert main(["data", str(tmp_path / "p.yaml"), "--json", "--set", f"train.packing={str(packing).lower()}"]) == 0
+        described = json.loads(capsys.readouterr().out)["domains"]["rows"]
+        assert described["packing"] is packing
+        shares[packing] = described["padding_share"]
+    assert shares[True] < 0.1 < shares[False], shares

@@ -11,7 +11,7 @@ from hft_ray.data.domains import Example
 from hft_ray.data.encoding import IGNORE_INDEX, encode_example
 from hft_ray.data.tokens import tokenized
 from hft_ray.storage import Location
-from hft_ray.train.models import char_tokenizer, load_model
+from hft_ray.train.models import BUILTIN_CONFIGS, char_tokenizer, load_model
 
 LAYOUT = {"max_length": 64}
 
@@ -64,7 +64,7 @@ def test_packing_fills_sequences_and_grouping_reduces_padding(varied):
     assert all(sum(pool.length[i] for i in s) <= 64 for s in sequences) and any(len(s) > 1 for s in sequences)
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("model_name", sorted(BUILTIN_CONFIGS))
 def test_a_packed_row_gives_its_rows_logits_and_the_token_weighted_loss(varied, model_name):
     rows, pool = varied
     tokenizer, model = char_tokenizer(), load_model(f"builtin:{model_name}", seed=0).eval()

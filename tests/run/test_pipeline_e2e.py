@@ -16,11 +16,20 @@ SMOKE = Path(__file__).parents[2] / "pipelines" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One run of the smoke pipeline (2 methods x 2 stages) through the console script."""
+    """One run of the smoke pipeline (2 methods x 2 stages) through the console script, `upper`'s
+    rows from a file."""
+    import random
+
+    from hft_ray.data.domains import BUILTIN_DOMAINS
+
     folder = tmp_path_factory.mktemp("e2e")
+    rows = BUILTIN_DOMAINS["upper"].generate(random.Random(0), 400)
+    (folder / "upper.jsonl").write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n"
+                                                for e in rows))
     uri = f"sqlite:///{folder}/mlflow.db"
     result = subprocess.run(
-        ["hft-ray", "run", str(SMOKE), "--tracking-uri", uri, "--json", "--set", f"output.dir={folder}/runs"],
+        ["hft-ray", "run", str(SMOKE), "--tracking-uri", uri, "--json", "--set", f"output.dir={folder}/runs",
+         "--set", f"domains.upper.source={{path: {folder}/upper.jsonl}}"],
         capture_output=True, text=True, timeout=900, cwd=folder,
         env={**os.environ, "HFT_RAY_DRIVER_LOG": str(folder / "driver.log")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,3 +129,30 @@ def test_report_prints_the_latest_run(finished_run):
     report = json.loads(result.stdout)
     assert report["run_id"] == out["parent_run_id"] and set(report["methods"]) == {"fft", "hft"}
     assert report["methods"]["hft"]["matrix"] == out["methods"]["hft"]["matrix"]
+
+
+def test_each_domain_is_tokenized_once_and_every_stage_of_every_method_reads_its_folder(finished_run, capsys):
+    """The preflight tokenizes each domain once (one line each); the four stage runs name the token
+    folders they read (`data.tokens`): the same folder for a stage under both methods. Asked again
+    (`hft-ray data`, the same inputs), every folder is found and nothing is written."""
+    from hft_ray.cli import main
+
+    out, client, stderr = finished_run
+    tokens = Path(out["output_dir"]).parent / "tokens"
+    folders = {f.name: (f / "rows.arrow").stat().st_mtime_ns for f in tokens.iterdir()}
+    assert len(folders) == 3, "facts, upper, caesar"
+    for domain in ("facts", "upper", "caesar"):
+        assert stderr.count(f"domains.{domain}: ") == 1 and f"domains.{domain}: token folder" not in stderr
+    parent = client.get_run(out["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    read = {(c.data.tags["hft.method"], c.data.tags["hft.stage"]): c.data.params["data.tokens"] for c in children}
+    assert read[("fft", "1")] == read[("hft", "1")] != read[("fft", "2")] == read[("hft", "2")]
+    assert set(read.values()) <= set(folders)
+    pipeline = Path(out["output_dir"]) / "pipeline.yaml"
+    pipeline.write_text(SMOKE.read_text())
+    upper = Path(out["output_dir"]).parents[1] / "upper.jsonl"
+    assert main(["data", str(pipeline), "--set", f"output.dir={tokens.parent}",
+                 "--set", f"domains.upper.source={{path: {upper}}}"]) == 0
+    said = capsys.readouterr().err
+    assert all(f"domains.{d}: token folder" in said and "reused" in said for d in ("facts", "upper", "caesar"))
+    assert {f.name: (f / "rows.arrow").stat().st_mtime_ns for f in tokens.iterdir()} == folders
