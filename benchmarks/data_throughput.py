@@ -123,28 +123,43 @@ def tokenize_speed(count: int, folder: Path) -> dict:
 
 
 RSS_CHILD = """
-import json, resource, sys
+import json, sys
 from hft_ray.data.batching import Part, Pool, step_batches
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def status(key):  # this address space's figures (ru_maxrss would carry the parent's over exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 2**20
+
+
+before, anon_before = status("VmRSS:"), status("RssAnon:")
 pool = Pool([Part(sys.argv[1])])
 stream = step_batches(pool, seed=0, batch_size=8, micro_batch_size=None, rank=0, world=1, pad_id=0, max_length=256)
 for _ in range(50):
     next(stream)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_rss_gb": peak / 2**20, "imports_rss_gb": before / 2**20}))
+# RssFile: the token file's pages in the page cache, which the kernel drops under pressure; RssAnon:
+# what the process itself holds.
+print(json.dumps({"peak_rss_gb": status("VmHWM:"), "imports_rss_gb": before,
+                  "anon_growth_gb": status("RssAnon:") - anon_before, "file_pages_gb": status("RssFile:")}))
 """
 
-
 def rank_rss(count: int, folder: Path) -> dict:
-    """Peak RSS (GB) of a fresh process reading 50 batches of 8 from a `count`-row token folder,
-    and what its imports alone hold."""
-    where, _ = tokenized(rows(count, 1 / 8, 256, seed=2), char_tokenizer(), Location(folder / "big"), max_length=256,
-                         chat=False)
-    child = subprocess.run([sys.executable, "-c", RSS_CHILD, where], capture_output=True, text=True, check=True)
-    measured = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"a rank reading a {count:,}-row token folder: peak RSS {measured['peak_rss_gb']:.2f} GB "
-          f"({measured['imports_rss_gb']:.2f} GB after its imports)", flush=True)
-    return measured
+    """Peak RSS (GB) of a fresh process reading 50 batches of 8 from a token folder of `count`
+    rows and of a tenth of them, and what its imports alone hold: a rank's memory should not
+    follow the row count."""
+    measured = {}
+    for rows_in_folder in (count // 10, count):
+        where, _ = tokenized(rows(rows_in_folder, 1 / 8, 256, seed=2), char_tokenizer(),
+                             Location(folder / f"big-{rows_in_folder}"), max_length=256, chat=False)
+        child = subprocess.run([sys.executable, "-c", RSS_CHILD, where], capture_output=True, text=True, check=True)
+        measured[rows_in_folder] = json.loads(child.stdout.strip().splitlines()[-1])
+        got = measured[rows_in_folder]
+        print(f"a rank reading a {rows_in_folder:,}-row token folder: peak RSS {got['peak_rss_gb']:.3f} GB "
+              f"({got['imports_rss_gb']:.3f} GB after its imports; its own memory grew "
+              f"{got['anon_growth_gb'] * 1024:.1f} MB, file pages {got['file_pages_gb'] * 1024:.0f} MB)", flush=True)
+    return {"peak_rss_gb": measured[count]["peak_rss_gb"], "imports_rss_gb": measured[count]["imports_rss_gb"],
+            "peak_rss_gb_tenth_rows": measured[count // 10]["peak_rss_gb"],
+            "anon_growth_gb": measured[count]["anon_growth_gb"],
+            "anon_growth_gb_tenth_rows": measured[count // 10]["anon_growth_gb"]}
 
 
 def cli_data_seconds(count: int, folder: Path) -> float:
@@ -190,7 +205,11 @@ def main() -> None:
               "headline_model": "smollm2-135m" if "smollm2-135m" in models else "tiny-llama",
               "tokenize_rows_per_s": speeds["chat_template"], "tokenize_rows_per_s_plain": speeds["plain"],
               "rank_peak_rss_gb": round(rss["peak_rss_gb"], 3),
-              "rank_imports_rss_gb": round(rss["imports_rss_gb"], 3), "rss_rows": 2_000 if smoke else 200_000,
+              "rank_imports_rss_gb": round(rss["imports_rss_gb"], 3),
+              "rank_peak_rss_gb_tenth_rows": round(rss["peak_rss_gb_tenth_rows"], 3),
+              "rank_anon_growth_gb": round(rss["anon_growth_gb"], 4),
+              "rank_anon_growth_gb_tenth_rows": round(rss["anon_growth_gb_tenth_rows"], 4),
+              "rss_rows": 2_000 if smoke else 200_000,
               "hft_ray_data_s": round(cli, 1), "hft_ray_data_rows": 1_000 if smoke else 100_000, "models": models,
               "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"}
     OUT.parent.mkdir(parents=True, exist_ok=True)

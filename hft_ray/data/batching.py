@@ -18,10 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from hft_ray.data.encoding import IGNORE_INDEX
-from hft_ray.data.tokens import local_folder, read_table
+from hft_ray.data.tokens import local_folder, record_batches
 
 GROUPED_BATCHES = 64  # group_by_length sorts this many batches' rows at a time
 PACK_WINDOW = 8       # packing: open sequences a row may go into
@@ -39,15 +40,18 @@ class Part:
 
 
 class Pool:
-    """A stage's rows: for each, the file and row it is, its length and learnt tokens."""
+    """A stage's rows: for each, the file and row it is, its length and learnt tokens. The files'
+    record batches stay memory-mapped; a read touches only the rows it asks for."""
 
     def __init__(self, parts: Sequence[Part]):
-        self.tables = [read_table(local_folder(part.folder)) for part in parts]
-        refs = [_rows(part, table.num_rows) for part, table in zip(parts, self.tables, strict=True)]
+        self.batches = [record_batches(local_folder(part.folder)) for part in parts]
+        starts = [np.cumsum([0] + [b.num_rows for b in batches]) for batches in self.batches]
+        self.starts = starts  # per part: the first row of each record batch, and the row count last
+        refs = [_rows(part, int(start[-1])) for part, start in zip(parts, starts, strict=True)]
         self.part = np.concatenate([np.full(len(r), i, np.int32) for i, r in enumerate(refs)])
         self.row = np.concatenate(refs)
-        lengths = [t.column("length").to_numpy() for t in self.tables]
-        learnt = [t.column("learnt").to_numpy() for t in self.tables]
+        lengths = [_column(batches, "length") for batches in self.batches]
+        learnt = [_column(batches, "learnt") for batches in self.batches]
         self.length = np.concatenate([lengths[i][r] for i, r in enumerate(refs)]).astype(np.int64)
         self.learnt = np.concatenate([learnt[i][r] for i, r in enumerate(refs)]).astype(np.int64)
 
@@ -55,15 +59,26 @@ class Pool:
         return len(self.row)
 
     def read(self, indices: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-        """(ids, labels) of the pool's rows `indices`, read from their files."""
-        found: dict[int, tuple[list[int], list[int]]] = {}
+        """(ids, labels) of the pool's rows `indices`, read from their files' record batches."""
         indices = np.asarray(indices, dtype=np.int64)
+        found: dict[int, tuple[list[int], list[int]]] = {}
+        rows = self.row[indices]
         for part in np.unique(self.part[indices]):
-            mine = indices[self.part[indices] == part]
-            taken = self.tables[part].select(["input_ids", "labels"]).take(self.row[mine])
-            for index, ids, labels in zip(mine, taken.column(0).to_pylist(), taken.column(1).to_pylist(), strict=True):
-                found[int(index)] = (ids, labels)
+            mine = self.part[indices] == part
+            chunk = np.searchsorted(self.starts[part], rows[mine], side="right") - 1
+            for which in np.unique(chunk):
+                picked = chunk == which
+                batch = self.batches[part][which]
+                at = pa.array(rows[mine][picked] - self.starts[part][which])
+                ids, labels = batch.column(0).take(at).to_pylist(), batch.column(1).take(at).to_pylist()
+                for index, row_ids, row_labels in zip(indices[mine][picked], ids, labels, strict=True):
+                    found[int(index)] = (row_ids, row_labels)
         return [found[int(i)] for i in indices]
+
+
+def _column(batches: list[pa.RecordBatch], name: str) -> np.ndarray:
+    arrays = [batch.column(name).to_numpy() for batch in batches]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
 
 
 def _rows(part: Part, rows: int) -> np.ndarray:
@@ -108,15 +123,16 @@ def _grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.ra
 
 
 def sequences(pool: Pool, *, seed: int, epoch: int, batch_size: int, max_length: int, packing: bool = False,
-              group_by_length: bool = False) -> list[list[int]]:
-    """One epoch's sequences (each a list of pool rows), in training order. The shuffle depends
-    on (seed, epoch) only, so every rank computes the same."""
+              group_by_length: bool = False) -> Sequence:
+    """One epoch's sequences (each the pool rows it holds), in training order: packed, a list of
+    lists; else an array of one row each (8 bytes a row, not a Python list's ~100). The shuffle
+    depends on (seed, epoch) only, so every rank computes the same."""
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
     if packing:
         return pack(order, pool.length, max_length)
     if group_by_length:
         order = _grouped(order, pool.length, batch_size, np.random.default_rng(seed * 100_003 + epoch))
-    return [[int(i)] for i in order]
+    return order.astype(np.int64)[:, None]
 
 
 def global_batches(pool: Pool, *, seed: int, batch_size: int, **layout) -> Iterator[list[list[int]]]:
@@ -127,7 +143,8 @@ def global_batches(pool: Pool, *, seed: int, batch_size: int, **layout) -> Itera
         epoch_sequences = sequences(pool, seed=seed, epoch=epoch, batch_size=batch_size, **layout)
         count = len(epoch_sequences)
         for start in range(0, count - batch_size + 1 if count >= batch_size else 1, batch_size):
-            yield epoch_sequences[start:start + batch_size]
+            batch = epoch_sequences[start:start + batch_size]
+            yield batch.tolist() if isinstance(batch, np.ndarray) else batch
         epoch += 1
 
 
@@ -189,11 +206,15 @@ def useful_share(pool: Pool, *, seed: int, batch_size: int, max_length: int, pac
     """Real tokens over computed tokens (rows x padded width) in one epoch of this batching."""
     layout = {"max_length": max_length, "packing": packing, "group_by_length": group_by_length}
     epoch_sequences = sequences(pool, seed=seed, epoch=epoch, batch_size=batch_size, **layout)
+    if isinstance(epoch_sequences, np.ndarray):  # one row a sequence
+        lengths = pool.length[epoch_sequences[:, 0]]
+    else:
+        lengths = np.array([sum(int(pool.length[i]) for i in s) for s in epoch_sequences], dtype=np.int64)
     real = computed = 0
-    for start in range(0, len(epoch_sequences), batch_size):
-        lengths = [int(sum(pool.length[i] for i in s)) for s in epoch_sequences[start:start + batch_size]]
-        real += sum(lengths)
-        computed += len(lengths) * (-(-max(lengths) // 8) * 8)
+    for start in range(0, len(lengths), batch_size):
+        batch = lengths[start:start + batch_size]
+        real += int(batch.sum())
+        computed += len(batch) * (-(-int(batch.max()) // 8) * 8)
     return real / computed if computed else 0.0
 
 

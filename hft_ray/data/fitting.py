@@ -29,11 +29,12 @@ class RowReport:
     tokens: str | None = None  # the token folder of its training rows
     reused: bool = False       # ... found there already (same fingerprint): nothing tokenized
     rows_per_s: float = 0.0    # ... else how fast its rows were tokenized
+    token_rows: int = 0        # training rows in the token folder
 
     def tokens_line(self, name: str) -> str:
         if self.reused:
             return f"domains.{name}: token folder {self.tokens} reused (same rows, tokenizer and settings)"
-        return (f"domains.{name}: {self.kept + self.truncated:,} training rows tokenized into {self.tokens} "
+        return (f"domains.{name}: {self.token_rows:,} training rows tokenized into {self.tokens} "
                 f"({self.rows_per_s:,.0f} rows/s)")
 
     def line(self, name: str, max_length: int) -> str:
@@ -92,5 +93,5 @@ def fit_domain(data: DomainData, tokenizer, *, chat: bool, train_on: str = "assi
                         "or set truncate: left")
     speed = len(rendered) / max(time.perf_counter() - started, 1e-9)
     report = RowReport(sum(counts.values()), counts["kept"], counts["truncated"], counts["dropped"], chat, folder,
-                       bool(store is not None and meta.get("reused")), speed)
+                       bool(store is not None and meta.get("reused")), speed, len(train))
     return replace(data, train=train, eval=tuple(evaluated), tokens=folder, token_rows=len(train)), report

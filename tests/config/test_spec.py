@@ -58,6 +58,10 @@ CASES = [
      {"methods": {"hft": {"kind": "hft", "strategy": "importance", "reselect_every": 5}}},
      ["methods.hft: strategy: 'importance' draws one plan per stage; set reselect_every: 0"]),
     ("no stages", {"stages": []}, ["stages: List should have at least 1 item"]),
+    ("steps and epochs", {"stages": [{"domain": "a", "steps": 5, "epochs": 2}]},
+     ["stages.0: give steps or epochs, one of them"]),
+    ("micro-batch above a worker's share", {"train": {"batch_size": 8, "workers": 2, "micro_batch_size": 8}},
+     ["train: micro_batch_size 8 is more than a worker's share of batch_size (8 over 2 worker(s): 4)"]),
     ("wrong type", {"train": {"batch_size": "many"}}, ["train.batch_size: Input should be a valid integer"]),
     ("missing data file", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "nope.jsonl"}}}},
      ["nope.jsonl"]),
@@ -220,3 +224,18 @@ def test_each_column_reads_its_own_metric_in_the_matrix(tmp_path, default, read)
     assert matrix.scores == tuple(tuple(rows[r][c][read[c]] for c in columns) for r in range(3))
     assert build_matrix(spec, rows, "loss").scores == tuple(tuple(rows[r][c]["loss"] for c in columns)
                                                             for r in range(3))
+
+
+def test_epochs_become_steps_from_the_stages_own_rows_and_batching(tmp_path, capsys):
+    """b.jsonl holds 20 rows: 16 train, so 2 epochs at batch 4 are 8 steps; packed (rows of 3-4
+    tokens into 64) one epoch is a single batch of one sequence."""
+    from hft_ray.cli.commands import _say_rows
+
+    spec, _ = load_spec(_write(tmp_path, {"stages": [{"domain": "b", "epochs": 2}], "train": {"batch_size": 4}}))
+    prepared = prepare(spec, tmp_path)
+    assert prepared.spec.stages[0].steps == 8 and prepared.spec.stages[0].epochs == 2
+    _say_rows(prepared)
+    assert "stages.0: 2 epoch(s) of b = 8 steps (16 rows, 4 batches of 4 rows per epoch)" in capsys.readouterr().err
+    packed, _ = load_spec(_write(tmp_path, {"stages": [{"domain": "b", "epochs": 3}],
+                                            "train": {"batch_size": 1, "packing": True}}))
+    assert prepare(packed, tmp_path).spec.stages[0].steps == 3
