@@ -47,7 +47,7 @@ def _memory(args: argparse.Namespace, model, plan) -> dict[str, dict[str, str]]:
     if args.workers < 1 or args.batch_size < 1 or args.max_length < 1:
         raise UserError("--workers, --batch-size and --max-length take positive numbers")
     setup = Setup(args.precision, args.strategy, args.workers, args.batch_size, args.max_length,
-                  args.gradient_checkpointing)
+                  args.gradient_checkpointing, kahan=True)  # as a pipeline trains bf16 by default
     shapes = Shapes.of(model)
     return {"fft": estimate(shapes, trained_params(model, None), setup).gib(),
             f"hft {args.granularity} {args.ratio:g}": estimate(shapes, trained_params(model, plan.param_masks()),

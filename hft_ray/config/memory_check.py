@@ -25,7 +25,8 @@ def setup_of(spec: PipelineSpec) -> Setup:
     t = spec.train
     # Activations are held for one forward pass: a micro-batch's sequences on each worker.
     per_forward = t.micro_batch_size * t.workers if t.micro_batch_size else t.batch_size
-    return Setup(spec.precision, t.strategy, t.workers, per_forward, t.max_length, t.gradient_checkpointing)
+    return Setup(spec.precision, t.strategy, t.workers, per_forward, t.max_length, t.gradient_checkpointing,
+                 t.bf16_kahan)
 
 
 def method_trained(model, method) -> int:

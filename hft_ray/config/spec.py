@@ -82,6 +82,9 @@ class TrainSpec(Strict):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per worker; fsdp: FSDP2, "
                                                                  "weights, gradients and AdamW state sharded")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    bf16_kahan: bool = Field(True, description="under precision: bf16, AdamW keeps what bf16 rounds away from each "
+                                               "update (Kahan summation, one bf16 buffer per trained weight); "
+                                               "false: plain bf16 AdamW, which loses most updates at lr <= 1e-5")
     memory_gb: float | None = Field(None, gt=0, description="memory per worker on CPU, for the preflight "
                                                             "(on GPUs: what torch reports)")
     max_length: int | None = Field(None, gt=0, description="tokens per row; default: 64 on a built-in tiny model, "
@@ -96,6 +99,12 @@ class TrainSpec(Strict):
 
     @model_validator(mode="after")
     def _micro_batches_fit(self):
+        if self.batch_size % self.workers:
+            fits = sorted({max(self.workers, self.batch_size // self.workers * self.workers),
+                           -(-self.batch_size // self.workers) * self.workers})
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of workers ({self.workers}): every "
+                             f"worker takes an equal share of each global batch; use batch_size "
+                             f"{' or '.join(map(str, fits))}")
         share = self.batch_size // self.workers
         if self.micro_batch_size is not None and self.micro_batch_size > max(1, share):
             raise ValueError(f"micro_batch_size {self.micro_batch_size} is more than a worker's share of batch_size "

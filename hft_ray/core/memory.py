@@ -6,7 +6,8 @@ masked one has both, whole), in bytes, for w bytes per weight (4 fp32 and bf16-m
 on each of N workers (N = the workers under fsdp, else 1):
 
     weights W = P w / N  (+ 2 gathered decoder layers under fsdp)
-    gradients G = T w / N;  AdamW state S = 2 T w / N;  AdamW's step temporaries O = T w / N
+    gradients G = T w / N;  AdamW state S = 2 T w / N (3 T w / N with bf16's Kahan buffer);  AdamW's step
+    temporaries O = T w / N
     activations A (below);  DDP's gradient buckets B = G with more than one worker
     peak = max(W + G + S + O + B,   the optimizer step
                W + S + A)           the start of the backward pass (+ bf16 copies under bf16-mixed)
@@ -67,6 +68,7 @@ class Setup:
     batch_size: int = 8        # sequences in one forward pass, over every worker (a micro-batch each)
     max_length: int = 1024
     gradient_checkpointing: bool = False
+    kahan: bool = False        # pure bf16 with a compensation buffer per trained weight (train/compensated.py)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def estimate(shapes: Shapes, trained: int, setup: Setup) -> Estimate:
     sharded = setup.strategy == "fsdp" and setup.workers > 1
     n = setup.workers if sharded else 1
     weights = shapes.params * w / n + (2 * shapes.largest_layer * w if sharded else 0)
-    gradients, state, temporaries = trained * w / n, 2 * trained * w / n, trained * w / n
+    moments = 3 if setup.kahan and setup.precision == "bf16" else 2  # AdamW's two, and Kahan's buffer
+    gradients, state, temporaries = trained * w / n, moments * trained * w / n, trained * w / n
     if setup.strategy == "ddp" and setup.workers > 1:
         temporaries += gradients
     tokens = math.ceil(setup.batch_size / setup.workers) * setup.max_length

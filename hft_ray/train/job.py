@@ -29,6 +29,7 @@ class TrainSettings:
     precision: str = "fp32"            # fp32 | bf16 | bf16-mixed (hft_ray/train/precision.py)
     strategy: str = "ddp"              # ddp | fsdp (hft_ray/train/runtime.py)
     gradient_checkpointing: bool = False
+    bf16_kahan: bool = True            # precision bf16: AdamW keeps what rounding takes (train/compensated.py)
 
     @classmethod
     def of(cls, train, **resolved) -> TrainSettings:

@@ -15,15 +15,18 @@ import torch
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.selection import SelectionPlan
 from hft_ray.data.encoding import batches
+from hft_ray.train.compensated import KahanAdamW
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: the stage stops before writing a broken checkpoint."""
 
 
-def make_optimizer(params, lr: float, weight_decay: float, steps: int, warmup_fraction: float = 0.05):
-    """AdamW with linear warm-up then cosine decay to a tenth of `lr`."""
-    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+def make_optimizer(params, lr: float, weight_decay: float, steps: int, warmup_fraction: float = 0.05,
+                   kahan: bool = False):
+    """AdamW with linear warm-up then cosine decay to a tenth of `lr`; with `kahan`, the AdamW
+    that keeps what bf16 rounds away from each update (hft_ray/train/compensated.py)."""
+    optimizer = (KahanAdamW if kahan else torch.optim.AdamW)(list(params), lr=lr, weight_decay=weight_decay)
     warmup = max(1, int(warmup_fraction * steps))
 
     def factor(step: int) -> float:

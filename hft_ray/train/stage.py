@@ -78,7 +78,9 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
     if runtime.rank == 0:
         channel.notify(StageStarted(job.name, stage.index, stage.steps, method.describe(), **counts))
     trained = runtime.wrap(model)
-    optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, job.settings.weight_decay, stage.steps)
+    s = job.settings
+    optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, s.weight_decay, stage.steps,
+                                          kahan=s.precision == "bf16" and s.bf16_kahan)
     progress = resume if resume is not None and resume.step and method.resumable else Progress(stage.index)
     if progress.step:
         _resume(progress, resume_folder, trained, optimizer, scheduler, job, stage, runtime, channel)

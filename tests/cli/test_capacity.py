@@ -10,7 +10,8 @@ SMOKE = Path(__file__).parents[2] / "pipelines" / "smoke.yaml"
 
 def test_more_workers_than_this_machine_has_exit_2_before_anything_starts(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hft_ray", "run", str(SMOKE), "--set", "train.workers=512",
-                             "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--set", f"output.dir={tmp_path}/runs"],
+                             "--set", "train.batch_size=512", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                             "--set", f"output.dir={tmp_path}/runs"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "train.workers: 512 worker(s) x 1 CPU need 512 CPUs per branch" in result.stderr

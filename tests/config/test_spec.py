@@ -60,6 +60,9 @@ CASES = [
     ("no stages", {"stages": []}, ["stages: List should have at least 1 item"]),
     ("steps and epochs", {"stages": [{"domain": "a", "steps": 5, "epochs": 2}]},
      ["stages.0: give steps or epochs, one of them"]),
+    ("batch not a multiple of the workers", {"train": {"batch_size": 30, "workers": 4}},
+     ["train: batch_size 30 is not a multiple of workers (4): every worker takes an equal share of each global "
+      "batch; use batch_size 28 or 32"]),
     ("micro-batch above a worker's share", {"train": {"batch_size": 8, "workers": 2, "micro_batch_size": 8}},
      ["train: micro_batch_size 8 is more than a worker's share of batch_size (8 over 2 worker(s): 4)"]),
     ("wrong type", {"train": {"batch_size": "many"}}, ["train.batch_size: Input should be a valid integer"]),

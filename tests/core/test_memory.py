@@ -111,3 +111,5 @@ def test_sharding_precision_and_checkpointing_cut_what_they_should():
     checkpointed = estimate(shapes, full, Setup(precision="bf16", batch_size=4, max_length=1024,
                                                 gradient_checkpointing=True))
     assert checkpointed.activations < bf16.activations / 4
+    kahan = estimate(shapes, full, Setup(precision="bf16", batch_size=4, max_length=1024, kahan=True))
+    assert kahan.optimizer == 1.5 * bf16.optimizer, "the compensation buffer: one bf16 value per trained weight"
