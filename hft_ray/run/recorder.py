@@ -113,7 +113,7 @@ class Recorder:
         run_id = self._stage_run(event.branch, event.stage, read_json(event.checkpoint, PLAN_FILE))
         if run_id in self.system:
             self.system.pop(run_id).stop()
-        self.tracker.log_training(run_id, event.losses, event.train_s, event.step_s)
+        self.tracker.log_training(run_id, event.losses, event.train_s, event.step_s, event.memory)
         self.tracker.tag_node(run_id, "train", event.node)
         entry["checkpoint"] = event.checkpoint
         self.manifest.save()

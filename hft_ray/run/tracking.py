@@ -81,9 +81,12 @@ class Tracker:
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=flat[start:start + 100])
 
-    def log_training(self, run_id: str, losses: list[float], train_s: float, step_s: float) -> None:
+    def log_training(self, run_id: str, losses: list[float], train_s: float, step_s: float,
+                     memory: dict[str, float] | None = None) -> None:
+        """The loss per step, the stage's times, and its memory peaks (each rank's host RSS, the GPU's)."""
         metrics = [Metric("train/loss", loss, 0, step) for step, loss in enumerate(losses, start=1)]
         metrics += [Metric("time/train_s", train_s, 0, 0), Metric("time/step_s", step_s, 0, 0)]
+        metrics += [Metric(name, value, 0, 0) for name, value in (memory or {}).items()]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 

@@ -3,7 +3,7 @@ Plain data: the driver turns these into MLflow runs, progress lines and evaluati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class StageTrained:
     trainable: int
     total: int
     node: str = ""             # where rank 0 ran: the Ray node id, under Ray
+    memory: dict = field(default_factory=dict)  # peaks while it trained: memory/host_peak_gb/rank<r>, gpu
 
 
 WORKER_EVENTS = (StageStarted, StageResumed, StepsDone, StageTrained)

@@ -71,6 +71,7 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
               resume: Progress | None = None, resume_folder: Path | None = None) -> tuple[torch.nn.Module, dict, dict]:
     """The stage's optimizer steps: (the trained plain model, what it trained, its training log)."""
     torch.manual_seed(stage.seed)
+    runtime.reset_memory_peaks()
     data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime))
     method = build_method(stage, job)
     model = method.prepare(model, tokenizer, runtime)
@@ -101,7 +102,8 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
                   stage.steps, on_step=on_step, start=progress.step, loss_fn=data.loss_fn,
                   forward_context=lambda: autocast(job.settings.precision, runtime.device), reduce=runtime.mean)
     model = method.finish(unwrap(trained))
-    return model, method.describe(), {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer)}
+    return model, method.describe(), {**recorder.log(counts), "optimizer_bytes": optimizer_bytes(optimizer),
+                                      "memory": runtime.memory_peaks()}
 
 
 def _resume(progress: Progress, folder: Path, model, optimizer, scheduler, job: BranchJob, stage: StageJob,
@@ -169,4 +171,4 @@ def finish_stage(model, tokenizer, job: BranchJob, stage: StageJob, runtime: Run
 
 def trained_event(job: BranchJob, stage: StageJob, log: dict) -> StageTrained:
     return StageTrained(job.name, stage.index, stage.output, log["losses"], log["train_s"], log["step_s"],
-                        log["trainable"], log["total"])
+                        log["trainable"], log["total"], memory=log.get("memory", {}))

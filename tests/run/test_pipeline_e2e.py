@@ -56,6 +56,7 @@ def test_parent_and_child_runs_follow_the_layout(finished_run):
         assert child.info.status == "FINISHED" and child.data.tags["hft.kind"] == "stage"
         logged = set(child.data.metrics)
         assert {"eval/facts", "eval/upper", "eval/caesar", "time/train_s", "time/step_s", "train/loss"} <= logged
+        assert 0.2 < child.data.metrics["memory/host_peak_gb/rank0"] < 16, "the worker's peak RSS in the stage"
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, 21))
         selection = json.loads(Path(client.download_artifacts(child.info.run_id, "selection.json")).read_text())
