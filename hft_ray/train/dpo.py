@@ -51,6 +51,21 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return chosen, rejected
 
 
+@torch.no_grad()
+def bounded_pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_logps` without gradients, in slices of rows whose logits fit the evaluation budget
+    (hft_ray/train/evaluation.py `row_chunks`)."""
+    from hft_ray.train.evaluation import row_chunks
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    rows = batch["chosen_input_ids"].shape[0]
+    per_pass = len(next(row_chunks({"input_ids": torch.empty(rows, width)}, vocab))["input_ids"])
+    parts = [pair_logps(model, {k: v[start:start + per_pass] for k, v in batch.items()})
+             for start in range(0, rows, per_pass)]
+    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
     """The mean DPO loss over a batch of pairs (the formula in the module docstring)."""
@@ -68,7 +83,7 @@ def with_reference(model, encoded: dict[str, torch.Tensor], batch_size: int = 64
     chosen, rejected = [], []
     for start in range(0, rows, batch_size):  # a batch at a time on the device; the pairs stay where they are
         part = {k: v[start:start + batch_size].to(device) for k, v in encoded.items()}
-        c, r = pair_logps(model, part)
+        c, r = bounded_pair_logps(model, part)
         chosen.append(c.to(encoded["chosen_input_ids"].device))
         rejected.append(r.to(encoded["chosen_input_ids"].device))
     model.train(was_training)
@@ -95,7 +110,7 @@ def reward_accuracy(model, tokenizer, pairs: Sequence[Preference], *, batch_size
     wins = 0
     for start in range(0, len(pairs), batch_size):
         batch = encode_pairs(pairs[start:start + batch_size], tokenizer, max_length=1 << 30, domain="eval")
-        chosen, rejected = pair_logps(model, {k: v.to(device) for k, v in batch.items()})
+        chosen, rejected = bounded_pair_logps(model, {k: v.to(device) for k, v in batch.items()})
         wins += int((chosen > rejected).sum())
     model.train(was_training)
     return wins / len(pairs)

@@ -87,6 +87,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | list[int]], *, ma
     return answers
 
 
+@torch.no_grad()
 def teacher_forced(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 64) -> dict[str, float]:
     """{"token_accuracy", "loss"} over the completions' tokens, from one forward pass per batch:
     the share the model's top choice gets right, and exp(-mean token loss) (`loss_score`). The EOS
@@ -98,19 +99,38 @@ def teacher_forced(model, tokenizer, examples: Sequence[Example], *, batch_size:
     nll = 0.0
     # A chat example is scored on its last answer: the one the model is asked for.
     examples = [replace(e, all_turns=False) for e in examples]
+    vocab = model.get_output_embeddings().weight.shape[0]
     for start in range(0, len(examples), batch_size):
-        batch = encode(examples[start:start + batch_size], tokenizer, max_length=1 << 30, domain="eval")
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
-        gold = batch["labels"][:, 1:]
-        scored = gold != IGNORE_INDEX
-        only_eos = (scored & (gold != eos)).sum(1) == 0
-        scored &= (gold != eos) | only_eos[:, None]
-        picked = logits[:, :-1][scored.to(device)].float()  # (scored tokens, vocabulary)
-        targets = gold[scored].to(device)
-        correct += int((picked.argmax(-1) == targets).sum())
-        nll += float(torch.nn.functional.cross_entropy(picked, targets, reduction="sum"))
-        total += int(scored.sum())
+        encoded = encode(examples[start:start + batch_size], tokenizer, max_length=1 << 30, domain="eval")
+        for batch in row_chunks(encoded, vocab):
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            c, n, t = _graded(logits, batch["labels"], eos, device)
+            correct, nll, total = correct + c, nll + n, total + t
     if not total:
         return {"token_accuracy": 0.0, "loss": 0.0}
     return {"token_accuracy": correct / total, "loss": loss_score(nll / total)}
+
+
+LOGITS_BUDGET = 1 << 28  # bytes of float32 logits one forward pass of an evaluation may hold (256 MiB)
+
+
+def row_chunks(batch: dict[str, torch.Tensor], vocab: int, budget: int = LOGITS_BUDGET):
+    """`batch` in slices of rows whose logits (rows x width x vocab, float32) fit `budget`, one row
+    at least: a 128k vocabulary at batch 64 x 1,024 tokens would be 33.6 GB in one piece."""
+    rows, width = batch["input_ids"].shape
+    per_pass = max(1, budget // (width * vocab * 4))
+    for start in range(0, rows, per_pass):
+        yield {key: value[start:start + per_pass] for key, value in batch.items()}
+
+
+def _graded(logits: torch.Tensor, labels: torch.Tensor, eos: int, device) -> tuple[int, float, int]:
+    """(right top choices, summed token loss, tokens) over a batch's scored answer tokens."""
+    gold = labels[:, 1:]
+    scored = gold != IGNORE_INDEX
+    only_eos = (scored & (gold != eos)).sum(1) == 0
+    scored &= (gold != eos) | only_eos[:, None]
+    picked = logits[:, :-1][scored.to(device)].float()  # (scored tokens, vocabulary)
+    targets = gold[scored].to(device)
+    return (int((picked.argmax(-1) == targets).sum()),
+            float(torch.nn.functional.cross_entropy(picked, targets, reduction="sum")), int(scored.sum()))

@@ -146,3 +146,26 @@ def test_smollm2_knows_the_world_facts_at_base():
     scores = evaluate(model, tokenizer, facts.eval, max_new_tokens=16)  # its column reads word_match
     right = round(scores["word_match"] * len(facts.eval))
     assert (right, len(facts.eval)) == (59, 59), scores
+
+
+def test_teacher_forced_scores_with_a_128k_vocabulary_hold_a_bounded_slice_of_logits():
+    """Batch 64 x ~250 tokens x 128,256 logits would be 8.2 GB of float32 in one pass; scored a
+    slice of rows at a time (256 MiB of logits each), the process's peak grows by under 1.5 GB."""
+    import transformers
+
+    from hft_ray.train.evaluation import teacher_forced
+    from hft_ray.train.runtime import Runtime
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128_256,
+                                      max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    examples = [Example(f"Q{i} " + "x" * 40 + "=", "y" * 200) for i in range(64)]
+    runtime = Runtime(0, 1, torch.device("cpu"))
+    runtime.reset_memory_peaks()
+    before = runtime.memory_peaks()["memory/host_peak_gb/rank0"]
+    scores = teacher_forced(model, char_tokenizer(), examples, batch_size=64)
+    grown = runtime.memory_peaks()["memory/host_peak_gb/rank0"] - before
+    assert 0 <= scores["token_accuracy"] <= 1 and 0 < scores["loss"] < 1
+    assert grown < 1.5, f"the peak grew {grown:.2f} GB"
