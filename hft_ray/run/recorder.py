@@ -117,6 +117,7 @@ class Recorder:
         self.tracker.tag_node(run_id, "train", event.node)
         entry["checkpoint"] = event.checkpoint
         self.manifest.save()
+        self._release(event.branch)
         self.board.say(f"[hft-ray] {self._label(event.branch, event.stage).split(' (')[0]} done: loss "
                        f"{event.losses[-1]:.4f}, {event.train_s:.0f}s, {event.step_s * 1000:.0f} ms/step")
 
@@ -140,6 +141,25 @@ class Recorder:
         entry["row"] = event.row
         self.manifest.save()
         self.board.say(f"[hft-ray] {event.branch} after stage {event.stage}: {self._row_text(event.row)}")
+        self._release(event.branch)
+
+    def _release(self, method: str) -> None:
+        """`output.keep`: remove the stage checkpoints it does not keep, each once it is evaluated and
+        the next stage (which starts from it, and whose DPO reference it is) has written its own."""
+        keep, total = self.spec.output.keep, len(self.spec.stages)
+        if keep == "all":
+            return
+        for index in range(1, total + 1):
+            entry = self.manifest.stage(method, index)
+            if entry.get("removed") or not (entry.get("checkpoint") and entry.get("row")):
+                continue
+            if index == total and keep == "last":
+                continue
+            if index < total and not self.manifest.stage(method, index + 1).get("checkpoint"):
+                continue
+            Location(entry["checkpoint"]).remove()
+            entry["removed"] = True
+            self.manifest.save()
 
     def base_evaluated(self, event: BaseEvaluated) -> None:
         for name, report in event.reports.items():  # the parent run is open: events come after it starts

@@ -17,7 +17,7 @@ SMOKE = Path(__file__).parents[2] / "pipelines" / "smoke.yaml"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One run of the smoke pipeline (2 methods x 2 stages) through the console script, `upper`'s
-    rows from a file."""
+    rows from a file, keeping each branch's last stage checkpoint only."""
     import random
 
     from hft_ray.data.domains import BUILTIN_DOMAINS
@@ -29,7 +29,7 @@ def finished_run(tmp_path_factory):
     uri = f"sqlite:///{folder}/mlflow.db"
     result = subprocess.run(
         ["hft-ray", "run", str(SMOKE), "--tracking-uri", uri, "--json", "--set", f"output.dir={folder}/runs",
-         "--set", f"domains.upper.source={{path: {folder}/upper.jsonl}}"],
+         "--set", f"domains.upper.source={{path: {folder}/upper.jsonl}}", "--set", "output.keep=last"],
         capture_output=True, text=True, timeout=900, cwd=folder,
         env={**os.environ, "HFT_RAY_DRIVER_LOG": str(folder / "driver.log")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +96,16 @@ def test_no_run_is_left_running(finished_run):
     out, client, _ = finished_run
     experiment = client.get_run(out["parent_run_id"]).info.experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+
+def test_keep_last_leaves_each_branchs_last_checkpoint_and_the_base(finished_run):
+    out, _, _ = finished_run
+    folder = Path(out["output_dir"])
+    stages = json.loads((folder / "manifest.json").read_text())["branches"]
+    for method in ("fft", "hft"):
+        assert not (folder / method / "stage-1").exists() and stages[method]["stages"]["1"]["removed"]
+        assert (folder / method / "stage-2" / "model.safetensors").is_file()
+    assert (folder / "base" / "model.safetensors").is_file()
 
 
 def test_the_final_checkpoint_loads_with_from_pretrained(finished_run):
