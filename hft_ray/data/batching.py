@@ -195,6 +195,8 @@ def step_batches(pool: Pool, *, seed: int, batch_size: int, micro_batch_size: in
         next(plans)
     for plan in plans:
         learnt = int(sum(pool.learnt[i] for sequence in plan for i in sequence))
+        # An epoch shorter than the world (fewer rows, or packed sequences, than workers) leaves a
+        # rank no share: it repeats the batch's first sequence, since every rank must step.
         share = plan[rank * per_rank:(rank + 1) * per_rank] or plan[:1]
         yield [{**collate(pool, share[i:i + micro], pad_id, layout.get("packing", False)),
                 "num_items_in_batch": max(learnt, 1) / world, "use_cache": False}
