@@ -179,9 +179,10 @@ class TrackingSpec(Strict):
 class OutputSpec(Strict):
     dir: str = Field("hft_runs", description="checkpoints and Ray Train storage: a folder (on a cluster, one every "
                      "node mounts) or an object-store URI such as s3://bucket/prefix (hft_ray/storage.py)")
-    keep: Literal["all", "last", "none"] = Field(
-        "all", description="stage checkpoints kept once evaluated: all; each branch's last; none (the base stays, "
-                           "and a stage's checkpoint until the next stage, which starts from it, is written)")
+    keep: Literal["all", "last", "none"] | None = Field(
+        None, description="stage checkpoints kept once evaluated: all (default of hft-ray run); each branch's last "
+                          "(default of a Tune trial); none (the base stays, and a stage's checkpoint until the next "
+                          "stage, which starts from it, is written)")
 
     @field_validator("dir")
     @classmethod

@@ -8,6 +8,7 @@ from hft_ray.config.spec import PipelineSpec
 from hft_ray.run.manifest import Manifest
 from hft_ray.run.planner import Planner
 from hft_ray.run.progress import Board
+from hft_ray.run.retention import releasable
 from hft_ray.run.runner import RunFailure
 from hft_ray.run.scheduler import BaseEvaluated, Branch, BranchEnded, BranchFailed, StageEvaluated
 from hft_ray.run.tracking import SystemMetrics, Tracker
@@ -146,20 +147,14 @@ class Recorder:
     def _release(self, method: str) -> None:
         """`output.keep`: remove the stage checkpoints it does not keep, each once it is evaluated and
         the next stage (which starts from it, and whose DPO reference it is) has written its own."""
-        keep, total = self.spec.output.keep, len(self.spec.stages)
-        if keep == "all":
-            return
-        for index in range(1, total + 1):
-            entry = self.manifest.stage(method, index)
-            if entry.get("removed") or not (entry.get("checkpoint") and entry.get("row")):
-                continue
-            if index == total and keep == "last":
-                continue
-            if index < total and not self.manifest.stage(method, index + 1).get("checkpoint"):
-                continue
-            Location(entry["checkpoint"]).remove()
-            entry["removed"] = True
-            self.manifest.save()
+        stages = {i: self.manifest.stage(method, i) for i in range(1, len(self.spec.stages) + 1)}
+        trained = {i for i, e in stages.items() if e.get("checkpoint")}
+        evaluated = {i for i, e in stages.items() if e.get("row")}
+        for index in releasable(trained, evaluated, len(stages), self.spec.output.keep or "all"):
+            if not stages[index].get("removed"):
+                Location(stages[index]["checkpoint"]).remove()
+                stages[index]["removed"] = True
+                self.manifest.save()
 
     def base_evaluated(self, event: BaseEvaluated) -> None:
         for name, report in event.reports.items():  # the parent run is open: events come after it starts

@@ -21,6 +21,7 @@ from hft_ray.data.loading import DomainData
 from hft_ray.run.planner import Planner
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.results import build_matrix
+from hft_ray.run.retention import releasable
 from hft_ray.run.runner import RayRunner, Services
 from hft_ray.run.scheduler import Branch, BranchFailed, Evaluate, Launch, Scheduler, StageEvaluated
 from hft_ray.storage import Location
@@ -62,9 +63,21 @@ class TrialReport:
         self.state["trained"][str(event.stage)] = event.checkpoint
         self.trained.setdefault(event.stage, {}).update(
             {"train/loss": event.losses[-1], "time/train_s": event.train_s, "time/step_s": event.step_s})
+        self._release()
+
+    def _release(self) -> None:
+        """`output.keep` (a trial's default: its last stage only; the best trial's pipeline file
+        trains again from the base, so no other trial checkpoint is needed)."""
+        removed = self.state.setdefault("removed", [])
+        trained, evaluated = {int(i) for i in self.state["trained"]}, {int(i) for i in self.state["rows"]}
+        for index in releasable(trained, evaluated, len(self.spec.stages), self.spec.output.keep or "last"):
+            if index not in removed:
+                Location(self.state["trained"][str(index)]).remove()
+                removed.append(index)
 
     def evaluated(self, event: StageEvaluated) -> None:
         self.state["rows"][str(event.stage)] = event.row
+        self._release()
         while str(self.state["reported"] + 1) in self.state["rows"]:
             self.state["reported"] += 1
             self._report(self.state["reported"])

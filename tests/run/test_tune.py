@@ -109,6 +109,18 @@ def finished_search(tmp_path_factory):
     return json.loads(result.stdout), MlflowClient(uri), result.stderr
 
 
+def test_a_finished_trial_keeps_its_last_stage_checkpoint_only(finished_search):
+    out, client, _ = finished_search
+    parent = client.get_run(out["parent_run_id"])
+    folder = Path(parent.data.tags["hft.output_dir"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    finished = [c.data.tags["hft.trial_id"] for c in children if c.info.status == "FINISHED"]
+    assert finished
+    for trial in finished:
+        assert (folder / trial / "best" / "stage-2" / "model.safetensors").is_file()
+        assert not (folder / trial / "best" / "stage-1").exists(), "output.keep: last, a trial's default"
+
+
 def test_search_logs_parent_and_one_child_run_per_trial(finished_search):
     out, client, stderr = finished_search
     parent = client.get_run(out["parent_run_id"])
@@ -250,7 +262,7 @@ def test_a_search_whose_driver_died_is_resumed_without_duplicate_runs(tmp_path):
     command, uri = _search(tmp_path, {
         # stage 2 longer: the second trial is still at it when the kill comes
         "set": {"stages.0.steps": 30, "stages.1.steps": 100, "eval.metric": "token_accuracy",
-                "output.dir": str(tmp_path / "runs")},
+                "output.dir": str(tmp_path / "runs"), "output.keep": "all"},  # stage 1's files are checked
         "space": {"ratio": [0.25, 0.75]}, "objective": {"metric": "OP"}, "max_concurrent": 1})
     started = time.perf_counter()
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
