@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from hft_ray.errors import UserError
@@ -38,11 +37,9 @@ def run_data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"domains": described}))
         return 0
-    for note in spec.notes:
-        print(f"[hft-ray] {note}", file=sys.stderr)
-    for name, report in prepared.rows.items():
-        if report.tokens and name in described:
-            print(f"[hft-ray] {report.tokens_line(name)}", file=sys.stderr)
+    from hft_ray.cli.commands import _say_rows
+
+    _say_rows(prepared)  # the defaults chosen, each domain's token folder, its rows cut or dropped
     _print(described, tokenizer, spec.train.max_length, [s.domain for s in spec.stages])
     return 0
 

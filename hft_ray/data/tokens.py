@@ -17,6 +17,7 @@ Plain pyarrow and tokenizers: the train function reads these files without Ray o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ class TokenCounts:
         return TokenCounts(**{**self.__dict__, status: getattr(self, status) + 1})
 
 
+@functools.lru_cache(maxsize=4)  # a tokenizer's whole JSON is hashed once, not once per domain
 def tokenizer_identity(tokenizer) -> str:
     """A digest of everything about a tokenizer that decides ids: its vocabulary and rules, its
     special tokens, its chat template."""

@@ -54,13 +54,13 @@ def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def bounded_pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """`pair_logps` without gradients, in slices of rows whose logits fit the evaluation budget
-    (hft_ray/train/evaluation.py `row_chunks`)."""
-    from hft_ray.train.evaluation import row_chunks
+    (hft_ray/train/evaluation.py `rows_per_pass`)."""
+    from hft_ray.train.evaluation import rows_per_pass
 
     vocab = model.get_output_embeddings().weight.shape[0]
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
     rows = batch["chosen_input_ids"].shape[0]
-    per_pass = len(next(row_chunks({"input_ids": torch.empty(rows, width)}, vocab))["input_ids"])
+    per_pass = rows_per_pass(width, vocab)
     parts = [pair_logps(model, {k: v[start:start + per_pass] for k, v in batch.items()})
              for start in range(0, rows, per_pass)]
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])

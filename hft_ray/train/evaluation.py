@@ -115,11 +115,16 @@ def teacher_forced(model, tokenizer, examples: Sequence[Example], *, batch_size:
 LOGITS_BUDGET = 1 << 28  # bytes of float32 logits one forward pass of an evaluation may hold (256 MiB)
 
 
+def rows_per_pass(width: int, vocab: int, budget: int = LOGITS_BUDGET) -> int:
+    """Rows of `width` tokens whose float32 logits fit `budget` (one at least)."""
+    return max(1, budget // (width * vocab * 4))
+
+
 def row_chunks(batch: dict[str, torch.Tensor], vocab: int, budget: int = LOGITS_BUDGET):
     """`batch` in slices of rows whose logits (rows x width x vocab, float32) fit `budget`, one row
     at least: a 128k vocabulary at batch 64 x 1,024 tokens would be 33.6 GB in one piece."""
     rows, width = batch["input_ids"].shape
-    per_pass = max(1, budget // (width * vocab * 4))
+    per_pass = rows_per_pass(width, vocab, budget)
     for start in range(0, rows, per_pass):
         yield {key: value[start:start + per_pass] for key, value in batch.items()}
 
