@@ -7,15 +7,13 @@ alone, there is none (world size 1).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from hft_ray.train.memory import HostPeak
 from hft_ray.train.precision import cast
 
 
@@ -25,6 +23,7 @@ class Runtime:
     world: int
     device: torch.device
     strategy: str = "ddp"      # ddp | fsdp
+    host_peak: HostPeak = field(default_factory=HostPeak, compare=False, repr=False)
 
     @property
     def sharded(self) -> bool:
@@ -58,16 +57,15 @@ class Runtime:
             dist.barrier()
 
     def reset_memory_peaks(self) -> None:
-        """Start this process's peak memory figures afresh (Linux: the RSS high-water mark)."""
-        with contextlib.suppress(OSError):  # elsewhere the peak runs from the process's start
-            Path("/proc/self/clear_refs").write_text("5")
+        """Start this process's peak memory figures afresh (train/memory.py says how, per system)."""
+        self.host_peak.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def memory_peaks(self) -> dict[str, float]:
         """Every rank's peak host RSS since `reset_memory_peaks` (GB, `memory/host_peak_gb/rank<r>`)
         and, on GPUs, the largest rank's peak allocated and reserved memory. Every rank must call it."""
-        mine = {"host": _host_peak_gb()}
+        mine = {"host": self.host_peak.gb()}
         if self.device.type == "cuda":
             mine["allocated"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             mine["reserved"] = torch.cuda.max_memory_reserved(self.device) / 2**30
@@ -96,17 +94,6 @@ class Runtime:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-
-def _host_peak_gb() -> float:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 2**20
-    except (OSError, StopIteration):  # not Linux: the process's peak (kilobytes on Linux, bytes on macOS)
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def shard(model: torch.nn.Module) -> torch.nn.Module:
