@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hft_ray.train.memory import HostPeak
+from hft_ray.train.peaks import HostPeak
 from hft_ray.train.precision import cast
 
 
@@ -57,7 +57,7 @@ class Runtime:
             dist.barrier()
 
     def reset_memory_peaks(self) -> None:
-        """Start this process's peak memory figures afresh (train/memory.py says how, per system)."""
+        """Start this process's peak memory figures afresh (train/peaks.py says how, per system)."""
         self.host_peak.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

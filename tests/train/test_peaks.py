@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from hft_ray.train import memory
-from hft_ray.train.memory import HostPeak
+from hft_ray.train import peaks
+from hft_ray.train.peaks import HostPeak
 from hft_ray.train.runtime import Runtime
 
 
@@ -29,7 +29,7 @@ def test_the_host_peak_follows_what_was_held_since_the_last_reset():
 
 
 def test_where_the_kernel_keeps_its_mark_the_sampler_measures_the_peak(monkeypatch):
-    monkeypatch.setattr(memory, "_status_bytes", lambda key: 2**40)  # a mark no reset lowers
+    monkeypatch.setattr(peaks, "_status_bytes", lambda key: 2**40)  # a mark no reset lowers
     peak = HostPeak()
     before, held, after = _held_then_released(peak)
     assert not peak.exact and peak._sampler is not None
