@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 from hft_ray.train.channel import Channel
-from hft_ray.train.checkpoints import is_whole, load_checkpoint, read_json
+from hft_ray.train.checkpoints import is_whole, read_json
 from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.loading import branch_model
 from hft_ray.train.resumable import Progress, holds_weights, write_progress
 from hft_ray.train.runtime import Runtime, start_runtime
 from hft_ray.train.stage import TRAIN_LOG_FILE, train_stage, trained_event
@@ -27,8 +28,8 @@ def train_branch(job: BranchJob, channel: Channel) -> None:
             return  # every stage was done before the restart
         first = progress.stage if progress else job.stages[0].index
         mid_stage = progress is not None and progress.step > 0
-        model, tokenizer = load_checkpoint(folder if mid_stage and holds_weights(folder) else job.start_of(first))
-        model = runtime.place(model, job)
+        model, tokenizer = branch_model(folder if mid_stage and holds_weights(folder) else job.start_of(first),
+                                        job, runtime)
         for stage in job.stages:
             if stage.index < first:
                 continue
@@ -46,4 +47,4 @@ def already_trained(job: BranchJob, stage: StageJob, runtime: Runtime, channel: 
         channel.notify(trained_event(job, stage, read_json(stage.output, TRAIN_LOG_FILE)))
     channel.save(lambda folder: write_progress(folder, Progress(stage.index + 1), runtime),
                  f"{job.name}-stage{stage.index}-end")
-    return runtime.place(load_checkpoint(stage.output)[0], job)
+    return branch_model(stage.output, job, runtime)[0]

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import transformers
@@ -28,17 +29,22 @@ def write_checkpoint(directory: str | Path, model, tokenizer, files: dict[str, o
                      state_dict: dict | None = None) -> str:
     """Save whole or not at all; `files` maps a JSON file name to its content; `state_dict`, the
     weights if not the model's own (gathered from FSDP shards). Returns where it went."""
+    return write_folder(directory, lambda staging: save_into(staging, model, tokenizer, files, state_dict))
+
+
+def write_folder(directory: str | Path, fill: Callable[[Path], None]) -> str:
+    """A checkpoint `fill` writes into a temporary folder, put in place whole or not at all."""
     location = Location(directory)
     if location.remote:
         with tempfile.TemporaryDirectory(prefix="hft-ray-checkpoint-") as staging:
-            save_into(staging, model, tokenizer, files, state_dict)
+            fill(Path(staging))
             location.upload(Path(staging), last=MARKER)
         return str(location)
     directory = location.path
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_into(staging, model, tokenizer, files, state_dict)
+        fill(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -53,17 +59,19 @@ def save_into(directory: str | Path, model, tokenizer, files: dict[str, object] 
     """Save into an existing (temporary) folder, e.g. one Ray Train then persists."""
     directory = Path(directory)
     model = getattr(model, "module", model)  # unwrap DDP
-    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    # A shallow copy: save_pretrained pops each tensor it has written (the caller keeps its dict).
+    weights = {"state_dict": dict(state_dict)} if state_dict else {}
+    model.save_pretrained(directory, safe_serialization=True, **weights)
     tokenizer.save_pretrained(directory)
     for name, content in (files or {}).items():
         (directory / name).write_text(json.dumps(content))
 
 
-def load_checkpoint(directory: str | Path):
+def load_checkpoint(directory: str | Path, dtype=None):
     """(model, tokenizer) from a checkpoint folder (or object-store prefix, downloaded for the
-    load); weights only from safetensors."""
+    load); weights only from safetensors, in `dtype` (None: float32; "auto": the checkpoint's)."""
     with Location(directory).local_copy() as folder:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer
 

@@ -125,14 +125,16 @@ def meta_model(source: str, trust_remote_code: bool = False) -> transformers.Pre
 
 
 def load_model(source: str, seed: int = 0, trust_remote_code: bool = False) -> transformers.PreTrainedModel:
-    """A model with weights, in float32: built-in ones are freshly initialised from `seed`."""
+    """A model with weights, in its own dtype (a GGUF file's de-quantized to float32): built-in
+    ones are freshly initialised from `seed`, in float32."""
     resolved = resolve_source(source)
     if resolved.is_builtin:
         torch.manual_seed(seed)
         return transformers.AutoModelForCausalLM.from_config(load_config(resolved))
     load_config(resolved, trust_remote_code)  # a clear error before a long load
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        resolved.name, gguf_file=resolved.gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+        resolved.name, gguf_file=resolved.gguf_file, trust_remote_code=trust_remote_code,
+        dtype=torch.float32 if resolved.gguf_file else "auto"  # quantized blocks: de-quantized to float32
     )
     if resolved.gguf_file:
         # GGUF weights are de-quantized to float32 on load: from here on a plain model, which

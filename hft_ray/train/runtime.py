@@ -34,7 +34,7 @@ class Runtime:
         """Freeze before this: DDP fixes the parameters it synchronises when it wraps, and FSDP2
         gives frozen parameters no gradient and no optimizer state on any rank."""
         if self.sharded:
-            return shard(model)
+            return shard(model, self.device)
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -43,7 +43,9 @@ class Runtime:
     def place(self, model: torch.nn.Module, job) -> torch.nn.Module:
         """The model on this worker's device, in the precision it trains in, with activations
         recomputed in the backward pass if the job asks (transformers' own checkpointing)."""
-        model = cast(model, job.settings.precision).to(self.device)
+        model = cast(model, job.settings.precision)
+        if not self.sharded:  # FSDP2 moves each unit to the device as it shards it (train/loading.py)
+            model = model.to(self.device)
         if job.settings.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
@@ -96,19 +98,23 @@ class Runtime:
         return box[0]
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """FSDP2: each decoder layer a unit (the classes transformers names in `_no_split_modules`,
     as accelerate's FSDP does), then the root (embeddings, final norm, lm_head, tied or not).
     Weights, gradients and optimizer state are split over the ranks; FSDP1 is not used (with
     mixed `requires_grad` in a unit it needs `use_orig_params` and saves no gradient memory,
-    pytorch#104690)."""
+    pytorch#104690). Rank 0 holds the weights, which are then broadcast into every rank's shards."""
     from torch.distributed.fsdp import fully_shard
 
+    from hft_ray.train.loading import fill_from_rank0
+
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # kept alive while FSDP2 moves and splits
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+    fill_from_rank0(model, whole, device)
     return model
 
 

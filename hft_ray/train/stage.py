@@ -16,10 +16,11 @@ import torch
 from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
 from hft_ray.train.events import StageResumed, StageStarted, StageTrained, StepsDone
 from hft_ray.train.job import BranchJob, StageJob
+from hft_ray.train.loading import next_stage_model, train_dtype
 from hft_ray.train.loop import make_optimizer, run_steps
 from hft_ray.train.losses import StageData, stage_data
 from hft_ray.train.methods import build_method
-from hft_ray.train.precision import autocast
+from hft_ray.train.precision import autocast, cast
 from hft_ray.train.resumable import Progress, optimizer_bytes, read_state, write_progress, write_state
 from hft_ray.train.runtime import Runtime, unwrap
 
@@ -72,13 +73,13 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
     """The stage's optimizer steps: (the trained plain model, what it trained, its training log)."""
     torch.manual_seed(stage.seed)
     runtime.reset_memory_peaks()
-    data = stage_data(stage, job, tokenizer, _reference(model, job, stage, resume, runtime))
     method = build_method(stage, job)
     model = method.prepare(model, tokenizer, runtime)
     counts = method.counts(model)
     if runtime.rank == 0:
         channel.notify(StageStarted(job.name, stage.index, stage.steps, method.describe(), **counts))
     trained = runtime.wrap(model)
+    data = stage_data(stage, job, tokenizer, _reference(trained, job, stage, resume, runtime))
     s = job.settings
     optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, s.weight_decay, stage.steps,
                                           kahan=s.precision == "bf16" and s.bf16_kahan)
@@ -120,12 +121,14 @@ def _resume(progress: Progress, folder: Path, model, optimizer, scheduler, job: 
         sys.stdout.write(f"[hft-ray] {stage.label}: resuming at step {progress.step + 1} after a worker failure\n")
 
 
-def _reference(model, job: BranchJob, stage: StageJob, resume: Progress | None, runtime: Runtime):
-    """The model the stage starts from (DPO's reference): `model`, unless the stage is resumed
-    mid-way; then it is loaded again (only DPO needs it)."""
+def _reference(trained, job: BranchJob, stage: StageJob, resume: Progress | None, runtime: Runtime):
+    """The model the stage starts from (DPO's reference): the wrapped model before its first step
+    (sharded, every rank runs its forward passes), unless the stage is resumed mid-way; then it is
+    loaded again (only DPO needs it), whole on each rank."""
     if resume is None or not resume.step or stage.loss != "dpo":
-        return model
-    return runtime.place(load_checkpoint(job.start_of(stage.index))[0], job)
+        return trained if runtime.sharded else unwrap(trained)
+    model, _ = load_checkpoint(job.start_of(stage.index), train_dtype(job.settings.precision))
+    return cast(model, job.settings.precision).to(runtime.device)
 
 
 def _feed(data: StageData, tokenizer, job: BranchJob, stage: StageJob, runtime: Runtime, done: int):
@@ -151,8 +154,8 @@ def finish_stage(model, tokenizer, job: BranchJob, stage: StageJob, runtime: Run
                  log: dict) -> torch.nn.Module:
     """Write the stage's checkpoint whole (rank 0; under fsdp gathered from the shards), tell the
     driver, then mark the branch as past this stage, so a restarted group goes on from the next
-    one. Returns the model the next stage starts from (under fsdp, the checkpoint loaded again,
-    to be sharded under the next stage's plan)."""
+    one. Returns the model the next stage starts from (under fsdp, rank 0's from the gathered
+    weights, to be sharded under the next stage's plan: train/loading.py)."""
     weights = None
     if runtime.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -165,7 +168,7 @@ def finish_stage(model, tokenizer, job: BranchJob, stage: StageJob, runtime: Run
     channel.save(lambda folder: write_progress(folder, Progress(stage.index + 1), runtime),
                  f"{job.name}-stage{stage.index}-end")
     if runtime.sharded:
-        return runtime.place(load_checkpoint(stage.output)[0], job)
+        return next_stage_model(model, weights, job, runtime)
     return model
 
 

@@ -157,6 +157,7 @@ def torchrun(tmp_path: Path, job: BranchJob, name: str, *extra: str) -> tuple[in
                              str(Path(__file__).parent / "torchrun_branch.py"), str(folder / "job.json"),
                              str(folder / "events.jsonl"), *extra], capture_output=True, text=True, timeout=300)
     sys.stderr.write(result.stderr[-3000:] if result.returncode else "")  # shown when a test fails
+    (folder / "stderr.txt").write_text(result.stderr)
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     return result.returncode, events
 

@@ -38,9 +38,12 @@ class HalfFineTuning(Method):
             return None
         scores = None
         if runtime.rank == 0:
-            scores = measure(model, tokenizer, model_units(model), self.stage.earlier,
+            # Under fsdp rank 0 holds the whole model on the host until it is sharded: it scores on its device.
+            held_on = next(model.parameters()).device
+            scores = measure(model.to(runtime.device), tokenizer, model_units(model), self.stage.earlier,
                              batches=self.config.get("importance_batches", 4), batch_size=self.job.settings.batch_size,
                              max_length=self.job.settings.max_length, seed=self.stage.seed)
+            model.to(held_on)
         return runtime.broadcast(scores)
 
     def parameters(self, model) -> list[torch.nn.Parameter]:
