@@ -30,11 +30,11 @@ class Runtime:
         """FSDP2 in a process group (alone, fsdp has nothing to shard over: plain training)."""
         return self.strategy == "fsdp" and dist.is_initialized()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
         """Freeze before this: DDP fixes the parameters it synchronises when it wraps, and FSDP2
         gives frozen parameters no gradient and no optimizer state on any rank."""
         if self.sharded:
-            return shard(model, self.device)
+            return shard(model, self.device, precision)
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -98,22 +98,26 @@ class Runtime:
         return box[0]
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
     """FSDP2: each decoder layer a unit (the classes transformers names in `_no_split_modules`,
     as accelerate's FSDP does), then the root (embeddings, final norm, lm_head, tied or not).
     Weights, gradients and optimizer state are split over the ranks; FSDP1 is not used (with
     mixed `requires_grad` in a unit it needs `use_orig_params` and saves no gradient memory,
-    pytorch#104690). Rank 0 holds the weights, which are then broadcast into every rank's shards."""
-    from torch.distributed.fsdp import fully_shard
+    pytorch#104690). Rank 0 holds the weights, which are then broadcast into every rank's shards.
+    bf16-mixed: float32 shards and AdamW state; each unit gathered in bf16 for its forward and
+    backward, its gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from hft_ray.train.loading import fill_from_rank0
 
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # kept alive while FSDP2 moves and splits
     blocks = set(getattr(model, "_no_split_modules", None) or ())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16-mixed" else MixedPrecisionPolicy()
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     fill_from_rank0(model, whole, device)
     return model
 

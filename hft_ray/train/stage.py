@@ -78,7 +78,7 @@ def fit_stage(model: torch.nn.Module, tokenizer, job: BranchJob, stage: StageJob
     counts = method.counts(model)
     if runtime.rank == 0:
         channel.notify(StageStarted(job.name, stage.index, stage.steps, method.describe(), **counts))
-    trained = runtime.wrap(model)
+    trained = runtime.wrap(model, job.settings.precision)
     data = stage_data(stage, job, tokenizer, _reference(trained, job, stage, resume, runtime))
     s = job.settings
     optimizer, scheduler = make_optimizer(method.parameters(model), stage.lr, s.weight_decay, stage.steps,

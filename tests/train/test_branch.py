@@ -259,3 +259,23 @@ def test_a_sharded_bf16_branch_with_checkpointing_resumes_from_its_shards(tmp_pa
     assert [e["step"] for e in resumed if e["kind"] == "StageResumed"] == [4]
     assert trained(resumed, 2)["losses"] == trained(whole, 2)["losses"]
     assert {t.dtype for t in weights(job.stages[1].output).values()} == {torch.bfloat16}
+
+
+def test_fsdp_bf16_mixed_computes_in_bf16_over_float32_shards(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): each unit is gathered in bf16 for
+    its forward and backward; the shards, AdamW's state and the checkpoint stay float32."""
+    job = sharded_job(tmp_path, "mixed", strategy="fsdp", precision="bf16-mixed")
+    code, events = torchrun(tmp_path, job, "mixed", "--ranks", str(tmp_path / "ranks"))
+    assert code == 0
+    ranks = [json.loads((tmp_path / "ranks" / f"rank-{r}-stage-1.json").read_text()) for r in (0, 1)]
+    assert all(r["compute_dtypes"] == ["torch.bfloat16"] for r in ranks), ranks
+    first = next(e for e in events if e["kind"] == "StageStarted" and e["stage"] == 1)
+    trainable = sum(t.numel() for n, t in weights(job.start).items() if n in frozen_and_trained(first["selection"])[1])
+    assert sum(sum(r["entry_bytes"].values()) for r in ranks) == 2 * 4 * trainable, "AdamW's two moments, fp32"
+    losses = trained(events, 1)["losses"]
+    assert losses[-1] < losses[0]
+    started = next(e for e in events if e["kind"] == "StageStarted" and e["stage"] == 2)
+    frozen, _ = frozen_and_trained(started["selection"])
+    before, after = weights(job.stages[0].output), weights(job.stages[1].output)
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    assert all(torch.equal(before[n], after[n]) for n in frozen)

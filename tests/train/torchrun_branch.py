@@ -1,6 +1,7 @@
 """A branch job under torchrun for the tests: rank 0's events go to a JSON-lines file;
 `--crash-at STAGE STEP` stops the group there (every rank, as a dead node would); `--ranks DIR`
-has every rank write, after each stage's steps, its optimizer state's bytes (DIR/rank-R-stage-S.json)
+has every rank write, after each stage's steps, its optimizer state's bytes and the dtypes its
+weights computed in (DIR/rank-R-stage-S.json)
 and, unsharded, its weights (DIR/rank-R-stage-S.safetensors)."""
 
 import argparse
@@ -43,7 +44,11 @@ def record_ranks(folder: Path) -> None:
         return fit_stage(model, tokenizer, job, stage, *rest, **kwargs)
 
     def run_steps_seen(model, optimizer, *rest, **kwargs):
+        seen = set()  # the dtype the layers' weights have while they compute
+        hook = getattr(model, "module", model).model.layers[0].mlp.down_proj.register_forward_pre_hook(
+            lambda module, args: seen.add(str(module.weight.dtype)))
         losses = run_steps(model, optimizer, *rest, **kwargs)
+        hook.remove()
         rank, name = dist.get_rank(), f"rank-{dist.get_rank()}-stage-{current['stage']}"
         params = {p: n for n, p in getattr(model, "module", model).named_parameters()}
         entries, other = {}, 0  # state shaped like its parameter (AdamW's moments); the rest (steps)
@@ -54,7 +59,8 @@ def record_ranks(folder: Path) -> None:
                     entries[params[param]] = entries.get(params[param], 0) + local.numel() * local.element_size()
                 else:
                     other += local.numel() * local.element_size()
-        (folder / f"{name}.json").write_text(json.dumps({"rank": rank, "entry_bytes": entries, "other_bytes": other}))
+        (folder / f"{name}.json").write_text(json.dumps({"rank": rank, "entry_bytes": entries, "other_bytes": other,
+                                                        "compute_dtypes": sorted(seen)}))
         if not hasattr(next(iter(params)), "to_local"):  # whole tensors on this rank: ddp
             weights = getattr(model, "module", model).state_dict()
             save_file({n: t.detach().clone() for n, t in weights.items()}, str(folder / f"{name}.safetensors"))
