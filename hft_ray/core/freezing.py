@@ -27,21 +27,28 @@ class AppliedPlan:
     def __init__(self, model: torch.nn.Module, plan: SelectionPlan):
         self.model = model
         self.plan = plan
-        self._params = dict(model.named_parameters())
+        params = dict(model.named_parameters())
+        # Only masked tensors are held (FSDP2 replaces whole ones when it shards: a reference
+        # here would keep rank 0's whole unsharded model alive through the stage).
+        self._masked: dict[str, torch.nn.Parameter] = {}
         self._frozen_masks: dict[str, torch.Tensor] = {}  # True where an entry is frozen
         self._frozen_values: dict[str, torch.Tensor] = {}
         self._handles: list = []
         for name, mask in plan.param_masks().items():
-            param = self._params[name]
+            param = params[name]
             if isinstance(mask, bool):
                 param.requires_grad_(mask)
                 continue
             param.requires_grad_(True)
             frozen = ~mask.to(param.device)
+            self._masked[name] = param
             self._frozen_masks[name] = frozen
             self._frozen_values[name] = param.detach()[frozen].clone()
             # The hook runs before the gradient is accumulated (and before DDP's all-reduce).
             self._handles.append(param.register_hook(lambda grad, frozen=frozen: grad.masked_fill(frozen, 0)))
+        whole = sum(p.numel() for n, p in params.items() if p.requires_grad and n not in self._frozen_masks)
+        partial = sum(int((~m).sum()) for m in self._frozen_masks.values())
+        self._counts = {"total": sum(p.numel() for p in params.values()), "trainable": whole + partial}
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
         """The parameters to give the optimizer: those with anything left to train."""
@@ -54,7 +61,7 @@ class AppliedPlan:
     def restore_frozen(self) -> None:
         """Write the saved frozen entries back (undoes weight decay on masked tensors)."""
         for name, frozen in self._frozen_masks.items():
-            self._params[name].masked_scatter_(frozen, self._frozen_values[name])
+            self._masked[name].masked_scatter_(frozen, self._frozen_values[name])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore frozen entries after every `optimizer.step()`."""
@@ -66,15 +73,12 @@ class AppliedPlan:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for param in self._params.values():
+        for param in self.model.parameters():
             param.requires_grad_(True)
 
     def counts(self) -> dict[str, int]:
         """Trainable and total parameter counts as the optimizer sees them."""
-        total = sum(p.numel() for p in self._params.values())
-        whole = sum(p.numel() for n, p in self._params.items() if p.requires_grad and n not in self._frozen_masks)
-        partial = sum(int((~m).sum()) for m in self._frozen_masks.values())
-        return {"total": total, "trainable": whole + partial}
+        return dict(self._counts)
 
 
 def apply_plan(model: torch.nn.Module, plan: SelectionPlan) -> AppliedPlan:
