@@ -166,12 +166,21 @@ def test_results_table_best_config_and_best_pipeline(finished_search):
 def test_the_best_trials_pipeline_file_trains_the_same_matrix_with_hft_ray_run(finished_search, run_pipeline,
                                                                              tmp_path):
     """One code path builds a trial's branch and a pipeline's (hft_ray/run/planner.py): the same
-    data, seeds and plans give the same matrix on the same machine."""
-    out, _, _ = finished_search
+    pipeline and seed give the same plan, the same loss at every step and the same matrix, in
+    another driver process (its own hash seed) on the same machine."""
+    out, client, _ = finished_search
     best = out["best"]
     assert set(best["matrix"]) == {"columns", "rows", "stage_domains", "scores"}
     again, _, _, _ = run_pipeline(tmp_path, Path(out["best_pipeline"]).read_text())
     assert again["methods"]["best"]["matrix"] == best["matrix"]
+    trial = Path(client.get_run(out["parent_run_id"]).data.tags["hft.output_dir"]) / best["trial_id"] / "best"
+    run = Path(again["output_dir"]) / "best"
+    for name in ("plan.json", "train_log.json"):  # stage 2's (a trial keeps its last stage)
+        trial_side, run_side = (json.loads((f / "stage-2" / name).read_text()) for f in (trial, run))
+        if name == "train_log.json":
+            trial_side, run_side = trial_side["losses"], run_side["losses"]
+            assert len(run_side) == 10 and run_side[-1] < run_side[0], "it trained"
+        assert trial_side == run_side, name
 
 
 def _search(tmp_path: Path, space: dict) -> tuple[list[str], str]:
