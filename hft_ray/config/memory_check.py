@@ -4,8 +4,9 @@ before anything starts (exit 2), with the estimate and what would fit (hft_ray/c
 from __future__ import annotations
 
 from hft_ray.config.spec import FFTMethod, PipelineSpec
-from hft_ray.core.memory import GiB, Setup, Shapes, adapter_params, estimate, trained_params, what_fits
+from hft_ray.core.memory import GiB, Setup, Shapes, estimate, trained_params, what_fits
 from hft_ray.core.selection import select
+from hft_ray.train.methods import method_class
 
 
 def worker_memory(spec: PipelineSpec) -> tuple[float, str] | None:
@@ -29,16 +30,6 @@ def setup_of(spec: PipelineSpec) -> Setup:
                  t.bf16_kahan)
 
 
-def method_trained(model, method) -> int:
-    """Parameters with gradients and AdamW state under `method` (a spec's method entry)."""
-    if method.kind == "lora":
-        return adapter_params(model, method.r)
-    if method.kind == "hft":
-        plan = select(model, method.granularity, method.ratio, 0, 1, method.select_embeddings)
-        return trained_params(model, plan.param_masks())
-    return trained_params(model, None)
-
-
 def check_memory(spec: PipelineSpec, model) -> list[str]:
     """Every branch (and pretraining) that cannot fit, named with its estimate and what would."""
     known = worker_memory(spec)
@@ -52,12 +43,13 @@ def check_memory(spec: PipelineSpec, model) -> list[str]:
         branches["pretrain"] = FFTMethod(kind="fft")  # pretraining trains every parameter
     problems = []
     for key, method in branches.items():
-        count = method_trained(model, method)
+        kind = method_class(method.kind)
+        count = kind.trained_params(model, method)
         need = estimate(shapes, count, setup)
         if need.peak <= limit:
             continue
         parts = need.gib()
-        fits = what_fits(shapes, count, setup, limit, hft if method.kind in ("fft", "joint") else None)
+        fits = what_fits(shapes, count, setup, limit, hft if kind.trains_everything else None)
         problems.append(
             f"{key}: needs about {parts['peak']} GiB per worker (weights {parts['weights']}, gradients "
             f"{parts['gradients']}, AdamW state {parts['optimizer']}, step temporaries {parts['step_temporaries']}, "

@@ -103,30 +103,11 @@ def _check_model(spec: PipelineSpec) -> list[str]:
 
 
 def _check_strategy(spec: PipelineSpec, model) -> list[str]:
-    """What FSDP2 cannot shard: gradient masks (element granularity, slices of fused tensors),
-    adapters merged into whole weights, plans that change within a stage."""
-    from hft_ray.core.selection import select
+    """What each method cannot train under FSDP2 (the method says: hft_ray/train/methods)."""
+    from hft_ray.train.methods import method_class
 
-    problems = []
-    for name, method in spec.methods.items():
-        key = f"methods.{name}"
-        if method.kind == "lora":
-            problems.append(f"{key}: kind lora cannot run with train.strategy: fsdp (its adapters are merged into "
-                            "whole weights at each stage's end); use train.strategy: ddp")
-        if method.kind != "hft":
-            continue
-        if method.reselect_every:
-            problems.append(f"{key}.reselect_every: periodic re-selection cannot run with train.strategy: fsdp; "
-                            "set reselect_every: 0 or train.strategy: ddp")
-        masks = select(model, method.granularity, method.ratio, 0, 1, method.select_embeddings).param_masks()
-        partial = sorted(n for n, m in masks.items() if not isinstance(m, bool))
-        if partial:
-            why = ("trains a share of every tensor" if method.granularity == "element" else
-                   f"trains slices of fused tensors ({', '.join(partial[:2])}{', ...' if len(partial) > 2 else ''})")
-            problems.append(f"{key}.granularity: {method.granularity!r} {why} through gradient masks, which FSDP2's "
-                            "shards do not carry; use granularity layer (or category, model on a model without "
-                            "fused projections), or train.strategy: ddp")
-    return problems
+    return [problem for name, method in spec.methods.items()
+            for problem in method_class(method.kind).fsdp_problems(model, method, f"methods.{name}")]
 
 
 def prepare(spec: PipelineSpec, base_dir: str | Path = ".") -> Prepared:

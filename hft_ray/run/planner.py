@@ -12,6 +12,7 @@ from hft_ray.data.batching import Part
 from hft_ray.data.loading import DomainData
 from hft_ray.storage import Location
 from hft_ray.train.job import BranchJob, StageJob, TrainSettings
+from hft_ray.train.methods import method_class
 
 
 class Planner:
@@ -66,10 +67,8 @@ class Planner:
     def method_config(self, method: str) -> dict:
         """What the workers need of the method (hft_ray/train/methods): its kind and settings,
         the selection seed filled in; `replay` stays here (it shapes the data)."""
-        config = self.spec.methods[method].model_dump(exclude={"replay"})
-        if config["kind"] == "hft" and config["seed"] is None:
-            config["seed"] = self.spec.seed
-        return config
+        entry = self.spec.methods[method]
+        return method_class(entry.kind).worker_config(entry, self.spec.seed)
 
     def replay(self, method: str, index: int) -> float:
         """The replayed share of stage `index`'s data: the method's `replay` on an SFT stage that
@@ -83,7 +82,7 @@ class Planner:
         domains making up the share f, spread over them by their sizes (none repeated); for a
         joint method, every stage's domain whole (the same for every stage)."""
         stages = self.spec.stages
-        if self.spec.methods[method].kind == "joint":
+        if method_class(self.spec.methods[method].kind).every_stage_data:
             return tuple(Part(self._tokens(d)) for d in dict.fromkeys(s.domain for s in stages if s.kind == "sft"))
         current = Part(self._tokens(stages[index - 1].domain))
         fraction = self.replay(method, index)

@@ -15,6 +15,7 @@ from hft_ray.core.metrics import ForgettingMatrix, summary
 from hft_ray.core.scores import NAMES, describe
 from hft_ray.run.tracking import Tracker
 from hft_ray.storage import Location
+from hft_ray.train.methods import method_class
 
 Row = dict[str, dict[str, float]]
 
@@ -66,8 +67,8 @@ def record_results(spec: PipelineSpec, tracker: Tracker, parent_id: str, output_
             summaries[method] = summary(matrices[method])
             tracker.log_metrics(parent_id, {f"{method}.{k}": v for k, v in summaries[method].items()})
         png = Path(folder) / "comparison.png"
-        joint = [m for m, method in spec.methods.items() if method.kind == "joint"]
-        comparison(matrices, png, title=f"{spec.name}: methods compared ({title})", references=joint)
+        references = [m for m, method in spec.methods.items() if method_class(method.kind).reference]
+        comparison(matrices, png, title=f"{spec.name}: methods compared ({title})", references=references)
         tracker.log_file(parent_id, png, "forgetting")
     (output_dir / "result.json").write_text(json.dumps(
         {m: {"matrix": matrices[m].to_dict(), "summary": summaries[m]} for m in matrices}, indent=1))

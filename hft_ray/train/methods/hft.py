@@ -15,6 +15,44 @@ from hft_ray.train.methods.base import Method
 
 class HalfFineTuning(Method):
     kind = "hft"
+    trains_everything = False
+
+    @classmethod
+    def trained_params(cls, model, entry) -> int:
+        from hft_ray.core.memory import trained_params
+
+        return trained_params(model, cls._first_plan(model, entry).param_masks())
+
+    @classmethod
+    def fsdp_problems(cls, model, entry, key: str) -> list[str]:
+        """What FSDP2 cannot shard: gradient masks (element granularity, slices of fused tensors),
+        plans that change within a stage."""
+        problems = []
+        if entry.reselect_every:
+            problems.append(f"{key}.reselect_every: periodic re-selection cannot run with train.strategy: fsdp; "
+                            "set reselect_every: 0 or train.strategy: ddp")
+        masks = cls._first_plan(model, entry).param_masks()
+        partial = sorted(n for n, m in masks.items() if not isinstance(m, bool))
+        if partial:
+            why = ("trains a share of every tensor" if entry.granularity == "element" else
+                   f"trains slices of fused tensors ({', '.join(partial[:2])}{', ...' if len(partial) > 2 else ''})")
+            problems.append(f"{key}.granularity: {entry.granularity!r} {why} through gradient masks, which FSDP2's "
+                            "shards do not carry; use granularity layer (or category, model on a model without "
+                            "fused projections), or train.strategy: ddp")
+        return problems
+
+    @classmethod
+    def worker_config(cls, entry, seed: int) -> dict:
+        config = super().worker_config(entry, seed)
+        if config["seed"] is None:  # the pipeline's seed draws the plans
+            config["seed"] = seed
+        return config
+
+    @staticmethod
+    def _first_plan(model, entry):
+        from hft_ray.core.selection import select
+
+        return select(model, entry.granularity, entry.ratio, 0, 1, entry.select_embeddings)
 
     def __init__(self, config: dict, stage, job):
         self.config, self.stage, self.job = config, stage, job

@@ -31,6 +31,18 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 class LoRA(Method):
     kind = "lora"
     resumable = False          # adapters are not in the resumable checkpoint: the stage starts over
+    trains_everything = False
+
+    @classmethod
+    def trained_params(cls, model, entry) -> int:
+        from hft_ray.core.memory import adapter_params
+
+        return adapter_params(model, entry.r)
+
+    @classmethod
+    def fsdp_problems(cls, model, entry, key: str) -> list[str]:
+        return [f"{key}: kind lora cannot run with train.strategy: fsdp (its adapters are merged into whole "
+                "weights at each stage's end); use train.strategy: ddp"]
 
     def __init__(self, config: dict, stage, job):
         self.settings = {"r": config["r"], "alpha": config["alpha"], "dropout": config.get("dropout", 0.0)}
