@@ -131,15 +131,17 @@ def node_ports() -> list[str]:
 
 
 def start_head(temp: Path, token: str, cpus: int, resources: dict | None = None, env: dict | None = None,
-               nodes: int = 1) -> tuple[subprocess.Popen, dict]:
+               nodes: int = 1, gpus: int = 0) -> tuple[subprocess.Popen, dict]:
     """`ray start --head` on loopback with token authentication, for a cluster of `nodes` nodes
-    on this machine; (process, {address, gcs, token, temp})."""
+    on this machine; (process, {address, gcs, token, temp}). `gpus` are declared, not real: Ray
+    schedules on them; nothing here runs on one."""
     dashboard, gcs = free_port(), free_port()
     command = [str(BIN / "ray"), "start", "--head", "--block", "--temp-dir", str(temp), "--port", str(gcs),
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--dashboard-port", str(dashboard),
                "--ray-client-server-port", str(free_port()), "--num-cpus", str(cpus),
                "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats", *node_ports(),
                *(["--resources", json.dumps(resources)] if resources else []),
+               *(["--num-gpus", str(gpus)] if gpus else []),
                *(["--node-ip-address", "127.0.0.1"] if nodes > 1 else [])]
     head = start(command, ray_env(token, env, nodes), temp / "head.log")
     address = f"http://127.0.0.1:{dashboard}"

@@ -119,7 +119,28 @@ def _start_ray(args: argparse.Namespace, spec, trials_stop_early: bool = False):
     init_ray(args.address, args.verbose, trials_stop_early)
     have = capacity(args.address)
     _fits(spec, have)
+    _fits_cluster_gpus(spec, have)
     return have
+
+
+def _fits_cluster_gpus(spec, have) -> None:
+    """The memory preflight against the cluster's GPUs, where it could not know them before Ray
+    started (use_gpu, no train.memory_gb, no GPU where the driver runs): exit 2 if a branch cannot
+    fit even the largest memory the cluster's GPU type comes with."""
+    from hft_ray.config.memory_check import check_memory, cluster_gpu_memory, worker_memory
+
+    if not spec.train.use_gpu or worker_memory(spec) is not None:
+        return
+    known = cluster_gpu_memory(have.accelerators)
+    if known is None:
+        print(f"[hft-ray] memory preflight not run: {have.where} names no known GPU type; set train.memory_gb "
+              "to the workers' GPU memory to have it checked", file=sys.stderr)
+        return
+    from hft_ray.train.models import meta_model
+
+    problems = check_memory(spec, meta_model(spec.model.source, spec.model.trust_remote_code), known)
+    if problems:
+        raise UserError(*problems)
 
 
 def run_pipeline(args: argparse.Namespace) -> int:

@@ -8,6 +8,22 @@ from hft_ray.core.memory import GiB, Setup, Shapes, estimate, trained_params, wh
 from hft_ray.core.selection import select
 from hft_ray.train.methods import method_class
 
+# The largest memory each GPU type Ray names comes with (GiB; an A100 has 40 or 80): a cluster is
+# checked against the largest, so the preflight never refuses what the workers' GPUs could hold.
+GPU_MEMORY_GIB = {"V100": 32, "P100": 16, "T4": 16, "P4": 8, "K80": 12, "A10G": 24, "L4": 24, "L40S": 48,
+                  "A100": 80, "H100": 94, "H200": 141, "H20": 96, "B200": 192, "B300": 288, "GB200": 192,
+                  "GB300": 288, "RTX-PRO-6000": 96}
+
+
+def cluster_gpu_memory(accelerators: tuple[str, ...]) -> tuple[float, str] | None:
+    """Bytes a worker's GPU has at most, from the GPU types Ray detected on the cluster's nodes;
+    None if it names none that is known."""
+    known = [(GPU_MEMORY_GIB[a], a) for a in accelerators if a in GPU_MEMORY_GIB]
+    if not known:
+        return None
+    gib, name = max(known)
+    return gib * GiB, f"the cluster's {name} GPUs (up to)"
+
 
 def worker_memory(spec: PipelineSpec) -> tuple[float, str] | None:
     """Bytes a worker has, and where the figure comes from: `train.memory_gb`, else the GPU as
@@ -30,9 +46,10 @@ def setup_of(spec: PipelineSpec) -> Setup:
                  t.bf16_kahan)
 
 
-def check_memory(spec: PipelineSpec, model) -> list[str]:
-    """Every branch (and pretraining) that cannot fit, named with its estimate and what would."""
-    known = worker_memory(spec)
+def check_memory(spec: PipelineSpec, model, known: tuple[float, str] | None = None) -> list[str]:
+    """Every branch (and pretraining) that cannot fit, named with its estimate and what would;
+    against `known` (bytes, where the figure comes from), else `worker_memory`."""
+    known = known or worker_memory(spec)
     if known is None:
         return []
     limit, where = known

@@ -17,6 +17,7 @@ class Capacity:
     can_grow: bool             # an autoscaler may add nodes
     where: str                 # "this machine (embedded Ray)" or the address
     custom: dict = field(default_factory=dict)  # custom resources, summed over the nodes
+    accelerators: tuple[str, ...] = ()          # the GPU types Ray detected on the nodes (H100, A100, ...)
 
 
 def init_ray(address: str | None, verbose: bool = False, trials_stop_early: bool = False) -> None:
@@ -62,8 +63,10 @@ def capacity(address: str | None) -> Capacity:
     resources = ray.cluster_resources()
     custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
               and not k.startswith(("node:", "accelerator_type:"))}
+    accelerators = tuple(sorted(k.removeprefix("accelerator_type:") for k in resources
+                                if k.startswith("accelerator_type:")))
     return Capacity(resources.get("CPU", 0.0), resources.get("GPU", 0.0), _autoscaling(),
-                    address or os.environ.get("RAY_ADDRESS") or "this machine (embedded Ray)", custom)
+                    address or os.environ.get("RAY_ADDRESS") or "this machine (embedded Ray)", custom, accelerators)
 
 
 def _autoscaling() -> bool:

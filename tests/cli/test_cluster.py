@@ -29,9 +29,11 @@ ARTIFACTS = Path(os.environ.get("HFT_TEST_ARTIFACTS", Path(__file__).parents[2] 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A one-node Ray cluster on loopback with token authentication on."""
+    """A one-node Ray cluster on loopback with token authentication on. It declares one T4 GPU, as Ray
+    names a detected one (`accelerator_type:T4`), for the memory preflight's cluster check; nothing
+    here asks for a GPU but that check."""
     temp = Path(tempfile.mkdtemp(prefix="hr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    head, info = start_head(temp, secrets.token_hex(16), cpus=2)
+    head, info = start_head(temp, secrets.token_hex(16), cpus=2, gpus=1, resources={"accelerator_type:T4": 1})
     try:
         yield info
     finally:
@@ -190,3 +192,30 @@ def test_ui_serves_the_run_its_heatmap_and_its_page(project, submitted):
         ui.wait(timeout=60)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base}/health", timeout=2)
+
+
+def test_a_branch_that_cannot_fit_the_clusters_gpus_exits_2_before_anything_starts(ray_head, project):
+    """The submitting machine has no GPU, so only the job's driver, on the cluster, knows the GPUs
+    the workers get: a T4 (16 GiB at most). Llama-3.2-1B's shapes trained whole in fp32 need about
+    20 GiB: the job exits 2 naming the estimate, the GPU and what would fit, before any worker starts."""
+    import transformers
+
+    from hft_ray.train.models import char_tokenizer
+
+    folder = project / "llama-1b-shapes"  # the structure is all the check reads: no weights
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128_256)
+    config.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    pipeline = (project / "pipeline.yaml").read_text().replace("builtin:tiny-llama", "./llama-1b-shapes")
+    pipeline = pipeline.replace("train: {", "train: {use_gpu: true, precision: fp32, ")
+    (project / "big.yaml").write_text(pipeline.replace("hft: {kind: hft, granularity: category, ratio: 0.5}",
+                                                       "fft: {kind: fft}"))
+    result = subprocess.run([*HFT_RAY, "submit", "big.yaml", "--address", ray_head["address"], "--wait",
+                             "--tracking-uri", f"sqlite:///{project}/big.db", "--storage-path", str(project / "big")],
+                            capture_output=True, text=True, timeout=300, cwd=project, env=client_env(ray_head["token"]))
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "methods.fft: needs about" in out and "more than the cluster's T4 GPUs (up to) 16 GiB" in out, out[-3000:]
+    assert "would fit: train.precision: bf16" in out and "Traceback" not in out
+    assert not (project / "big").exists() or not any((project / "big").rglob("model.safetensors")), "nothing trained"
