@@ -30,22 +30,30 @@ def _squared_grads(model, batch) -> dict[str, torch.Tensor]:
             for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
-@pytest.mark.parametrize("source", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
-def test_importance_is_the_mean_squared_gradient_per_entry(source):
-    """Hand-computed per-batch gradients, squared, summed over each unit's entries (slices of
-    GPT-2's fused c_attn included), divided by batches x entries."""
+@pytest.mark.parametrize("source,micro", [("builtin:tiny-llama", None), ("builtin:tiny-gpt2", None),
+                                          ("builtin:tiny-gpt2", 3)])
+def test_importance_is_the_mean_squared_gradient_per_entry(source, micro):
+    """Hand-computed per-batch gradients (in eval mode: no dropout), squared, summed over each unit's
+    entries (slices of GPT-2's fused c_attn included), divided by batches x entries; the same with
+    each batch of 8 accumulated over micro-batches of 3, 3 and 2 rows; in train mode, GPT-2's
+    dropout (0.1) at 0 while measuring and restored after."""
     model = load_model(source, seed=0).eval()
+    measured = load_model(source, seed=0).train()
     units = model_units(model)
     data = list(_take(batches(_encoded("upper", 16, model=source), 8, seed=0), 2))
     frozen = next(iter(model.parameters()))
     frozen.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    scores = unit_importance(model, units, data)
+    next(iter(measured.parameters())).requires_grad_(False)
+    scores = unit_importance(measured, units, data, micro_batch_size=micro)
 
-    assert frozen.requires_grad is False, "requires_grad flags are restored"
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "weights untouched"
-    assert all(p.grad is None for p in model.parameters())
+    assert next(iter(measured.parameters())).requires_grad is False, "requires_grad flags are restored"
+    assert all(torch.equal(p, before[n]) for n, p in measured.named_parameters()), "weights untouched"
+    assert all(p.grad is None for p in measured.parameters())
+    assert measured.training and {m.p for m in measured.modules() if isinstance(m, torch.nn.Dropout)} <= {0.0, 0.1}
+    if source == "builtin:tiny-gpt2":
+        assert {m.p for m in measured.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}, "dropout restored"
     frozen.requires_grad_(True)
     total = defaultdict(float)
     for batch in data:

@@ -80,7 +80,8 @@ class HalfFineTuning(Method):
             held_on = next(model.parameters()).device
             scores = measure(model.to(runtime.device), tokenizer, model_units(model), self.stage.earlier,
                              batches=self.config.get("importance_batches", 4), batch_size=self.job.settings.batch_size,
-                             max_length=self.job.settings.max_length, seed=self.stage.seed)
+                             max_length=self.job.settings.max_length, seed=self.stage.seed,
+                             micro_batch_size=self.job.settings.micro_batch_size)
             model.to(held_on)
         return runtime.broadcast(scores)
 
