@@ -1,7 +1,9 @@
 """A stage's memory figures: each rank's peak host RSS since the stage started, logged to the stage's
-MLflow run. The kernel's high-water mark is used where its reset takes; elsewhere (some sandboxes,
-CI's among them) a sampler thread stands in, and both must follow what was held since the reset."""
+MLflow run. The kernel's high-water mark is used where its reset takes; elsewhere (kernels and
+sandboxes that keep the mark) a sampler thread stands in, and both must follow what was held since
+the reset."""
 
+import mmap
 import time
 
 import torch
@@ -14,9 +16,12 @@ from hft_ray.train.runtime import Runtime
 def _held_then_released(peak: HostPeak) -> tuple[float, float, float]:
     peak.reset()
     before = peak.gb()
-    block = torch.ones(64 * 2**20)  # 256 MiB, written
+    # 256 MiB of fresh pages, written: an anonymous mapping, so the RSS grows by it even in a process
+    # whose heap already holds that much freed memory (a tensor would reuse it, and the RSS not move).
+    block = mmap.mmap(-1, 256 * 2**20)
+    block.write(b"x" * len(block))
     time.sleep(0.1)
-    del block
+    block.close()
     held = peak.gb()  # the block is gone: only a peak remembers it
     peak.reset()
     return before, held, peak.gb()
