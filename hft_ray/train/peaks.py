@@ -1,7 +1,7 @@
 """A process's peak host memory (RSS) since a reset, for a stage's `memory/host_peak_gb` figures.
 
 Linux keeps the exact high-water mark (`VmHWM`) and resets it when "5" is written to
-/proc/self/clear_refs. Some kernels and sandboxes (gVisor among them) accept the write and keep
+/proc/self/clear_refs. A kernel or sandbox may refuse the write, or accept it and keep
 the old mark, so the reset is checked: where it did not take, a thread samples the RSS every
 `interval` seconds instead (a peak that lasts less than that can be missed). Elsewhere (macOS) the
 figure is the process's peak since it started.

@@ -8,7 +8,7 @@ import torch
 
 from hft_ray.core.freezing import apply_plan
 from hft_ray.core.selection import SelectionPlan, select
-from hft_ray.train.models import BUILTIN_CONFIGS, SMOLLM2, load_model, meta_model, smollm2_gguf_path
+from hft_ray.train.models import BUILTIN_CONFIGS, SMOLLM2, meta_model, smollm2_gguf_path
 
 
 def hft_ray(*args):
@@ -74,8 +74,8 @@ def test_select_on_the_real_smollm2_gguf():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_hft_on_smollm2_keeps_frozen_weights_and_learns():
-    model = load_model(f"builtin:{SMOLLM2}")
+def test_hft_on_smollm2_keeps_frozen_weights_and_learns(smollm2):
+    model = smollm2()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = select(model, "category", 0.5, seed=0)
     applied = apply_plan(model, plan)
@@ -96,13 +96,13 @@ def test_hft_on_smollm2_keeps_frozen_weights_and_learns():
 
 
 @needs_smollm2
-def test_the_real_smollm2_gguf_becomes_a_checkpoint_with_the_same_weights(tmp_path):
+def test_the_real_smollm2_gguf_becomes_a_checkpoint_with_the_same_weights(tmp_path, smollm2):
     """A pipeline's base checkpoint: the de-quantized GGUF model must save (transformers refuses
     while the GGUF quantizer is attached) and load back bit for bit."""
     from hft_ray.train.checkpoints import load_checkpoint, write_checkpoint
     from hft_ray.train.models import load_tokenizer
 
-    model = load_model(f"builtin:{SMOLLM2}")
+    model = smollm2()
     path = write_checkpoint(tmp_path / "base", model, load_tokenizer(f"builtin:{SMOLLM2}"))
     again, _ = load_checkpoint(path)
     weights = model.state_dict()

