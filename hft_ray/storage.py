@@ -154,17 +154,25 @@ class Location:
             fs.delete_file(path)
 
     @contextlib.contextmanager
-    def local_copy(self) -> Iterator[Path]:
-        """The folder here: itself if local, else downloaded into a temporary folder (removed after)."""
+    def local_copy(self, without: tuple[str, ...] = ()) -> Iterator[Path]:
+        """The folder here: itself if local, else downloaded into a temporary folder (removed after),
+        leaving out the files whose names end with one of `without` (a rank that reads a
+        checkpoint's config and tokenizer need not fetch its weights)."""
         if not self.remote:
             yield self.path
             return
         import pyarrow.fs
 
         fs, path = self.filesystem()
+        local = pyarrow.fs.LocalFileSystem()
         with tempfile.TemporaryDirectory(prefix="hft-ray-download-") as folder:
-            pyarrow.fs.copy_files(path, folder, source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+            if not without:
+                pyarrow.fs.copy_files(path, folder, source_filesystem=fs, destination_filesystem=local)
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)) if without else []:
+                if info.type == pyarrow.fs.FileType.File and not info.path.endswith(without):
+                    target = Path(folder) / info.path[len(path):].lstrip("/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    pyarrow.fs.copy_files(info.path, str(target), source_filesystem=fs, destination_filesystem=local)
             yield Path(folder)
 
     def upload(self, folder: Path, last: str) -> None:

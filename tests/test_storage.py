@@ -94,3 +94,16 @@ def test_a_token_folder_in_the_store_is_found_again_and_read_from_a_node_cache(a
     pool = Pool([Part(where)])
     assert [ids for ids, _ in pool.read(range(30))] == [encode_example(e, char_tokenizer())[0] for e in rows]
     Location(where).remove()
+
+
+def test_a_copy_without_the_weights_fetches_the_config_and_tokenizer_only(aws, tmp_path):
+    """What a sharded rank that holds only the model's structure downloads of a checkpoint."""
+    from hft_ray.train.checkpoints import write_checkpoint
+    from hft_ray.train.models import char_tokenizer, load_model
+
+    where = write_checkpoint(f"s3://{aws.bucket}/slim/base", load_model("builtin:tiny-llama"), char_tokenizer())
+    with Location(where).local_copy(without=(".safetensors",)) as folder:
+        names = {p.name for p in folder.rglob("*") if p.is_file()}
+    assert "config.json" in names and "tokenizer.json" in names and "model.safetensors" not in names, names
+    with Location(where).local_copy() as folder:
+        assert (folder / "model.safetensors").is_file()

@@ -3,9 +3,8 @@ before anything starts (exit 2), with the estimate and what would fit (hft_ray/c
 
 from __future__ import annotations
 
-from hft_ray.config.spec import FFTMethod, PipelineSpec
-from hft_ray.core.memory import GiB, Setup, Shapes, estimate, trained_params, what_fits
-from hft_ray.core.selection import select
+from hft_ray.config.spec import FFTMethod, HFTMethod, PipelineSpec
+from hft_ray.core.memory import GiB, Setup, Shapes, estimate, what_fits
 from hft_ray.train.methods import method_class
 
 # The largest memory each GPU type Ray names comes with (GiB; an A100 has 40 or 80): a cluster is
@@ -54,7 +53,6 @@ def check_memory(spec: PipelineSpec, model, known: tuple[float, str] | None = No
         return []
     limit, where = known
     shapes, setup = Shapes.of(model), setup_of(spec)
-    hft = trained_params(model, select(model, "category", 0.5, 0, 1).param_masks())
     branches = {f"methods.{name}": method for name, method in spec.methods.items()}
     if spec.pretrain:
         branches["pretrain"] = FFTMethod(kind="fft")  # pretraining trains every parameter
@@ -66,7 +64,9 @@ def check_memory(spec: PipelineSpec, model, known: tuple[float, str] | None = No
         if need.peak <= limit:
             continue
         parts = need.gib()
-        fits = what_fits(shapes, count, setup, limit, hft if kind.trains_everything else None)
+        # What HFT at its defaults would train, offered where the method trains everything.
+        hft = method_class("hft").trained_params(model, HFTMethod(kind="hft")) if kind.trains_everything else None
+        fits = what_fits(shapes, count, setup, limit, hft)
         problems.append(
             f"{key}: needs about {parts['peak']} GiB per worker (weights {parts['weights']}, gradients "
             f"{parts['gradients']}, AdamW state {parts['optimizer']}, step temporaries {parts['step_temporaries']}, "

@@ -34,7 +34,7 @@ def branch_model(folder: str, job, runtime) -> tuple[torch.nn.Module, object]:
     device, or under fsdp the structure alone on every rank but the first."""
     dtype = train_dtype(job.settings.precision)
     if runtime.sharded and runtime.rank != 0:
-        with Location(folder).local_copy() as local:
+        with Location(folder).local_copy(without=(".safetensors",)) as local:  # config and tokenizer only
             config = transformers.AutoConfig.from_pretrained(str(local))
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
         return runtime.place(structure(config, dtype), job), tokenizer

@@ -9,7 +9,8 @@ import torch
 
 from hft_ray.core.freezing import AppliedPlan, PeriodicSelection, apply_plan
 from hft_ray.core.importance import measure
-from hft_ray.core.selection import SelectionPlan, model_units, plan_units
+from hft_ray.core.memory import trained_params
+from hft_ray.core.selection import SelectionPlan, model_units, plan_units, select
 from hft_ray.train.methods.base import Method
 
 
@@ -19,8 +20,6 @@ class HalfFineTuning(Method):
 
     @classmethod
     def trained_params(cls, model, entry) -> int:
-        from hft_ray.core.memory import trained_params
-
         return trained_params(model, cls._first_plan(model, entry).param_masks())
 
     @classmethod
@@ -49,9 +48,8 @@ class HalfFineTuning(Method):
         return config
 
     @staticmethod
-    def _first_plan(model, entry):
-        from hft_ray.core.selection import select
-
+    def _first_plan(model, entry) -> SelectionPlan:
+        """Stage 1's plan under seed 0: what the driver's checks read (every draw has its shape)."""
         return select(model, entry.granularity, entry.ratio, 0, 1, entry.select_embeddings)
 
     def __init__(self, config: dict, stage, job):
