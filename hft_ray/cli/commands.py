@@ -152,7 +152,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
     _say_rows(prepared)
 
-    from hft_ray.cli.display import format_matrix
+    from hft_ray.cli.display import format_result
     from hft_ray.core.scores import describe
     from hft_ray.run.manifest import resumable
     from hft_ray.run.pipeline import PipelineRun
@@ -172,10 +172,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    for method, matrix in result.matrices.items():
-        print()
-        title = f"{method} ({describe(prepared.metrics)}; * = trained in that stage)"
-        print(format_matrix(matrix, title, result.summaries[method]))
+    print()
+    print(format_result(result, describe(prepared.metrics)))
     print(f"\nMLflow parent run {result.parent_run_id} in experiment {spec.experiment!r} "
           f"({tracker.tracking_uri}); checkpoints in {result.output_dir}")
     return 0
@@ -247,9 +245,10 @@ def run_ui(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from hft_ray.cli.display import format_matrix
+    from hft_ray.cli.display import format_matrix, format_result
     from hft_ray.core.metrics import ForgettingMatrix
     from hft_ray.core.scores import describe
+    from hft_ray.run.results import RESULT_FILE, result_from_json
     from hft_ray.run.tracking import latest_pipeline_run, load_artifact_json, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -260,19 +259,28 @@ def run_report(args: argparse.Namespace) -> int:
         raise UserError(f"RUN_ID: no run {args.run_id!r} in {uri} ({str(error).splitlines()[0]})") from None
     if run is None:
         raise UserError(f"no pipeline run in {uri}; run one with: hft-ray run pipelines/quickstart.yaml")
-    methods = sorted(a.path.removeprefix("forgetting/").removesuffix(".json")
-                     for a in client.list_artifacts(run.info.run_id, "forgetting")
-                     if a.path.endswith(".json") and a.path.count(".") == 1)
-    report = {"run_id": run.info.run_id, "status": run.info.status, "methods": {}}
+    run_id = run.info.run_id
     read = {k.removeprefix("metric."): v for k, v in run.data.params.items() if k.startswith("metric.")}
-    for method in methods:
-        matrix = ForgettingMatrix.from_dict(load_artifact_json(client, run.info.run_id, f"forgetting/{method}.json"))
-        metrics = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{method}.")}
-        report["methods"][method] = {"matrix": matrix.to_dict(), "summary": metrics}
+    read = describe(read) if read else "scores"
+    if any(a.path == RESULT_FILE for a in client.list_artifacts(run_id)):  # a finished run: what `run` printed
+        result = load_artifact_json(client, run_id, RESULT_FILE)
+        report = {"run_id": run_id, "status": run.info.status, **{k: v for k, v in result.items()
+                                                                  if k not in ("parent_run_id", "output_dir")}}
         if not args.json:
-            print(format_matrix(matrix, f"{method} ({describe(read)}):" if read else f"{method}:", metrics), end="\n\n")
+            print(format_result(result_from_json(result), read), end="\n\n")
+    else:  # an unfinished run: the matrices logged so far
+        methods = sorted(a.path.removeprefix("forgetting/").removesuffix(".json")
+                         for a in client.list_artifacts(run_id, "forgetting")
+                         if a.path.endswith(".json") and a.path.count(".") == 1)
+        report = {"run_id": run_id, "status": run.info.status, "methods": {}}
+        for method in methods:
+            matrix = ForgettingMatrix.from_dict(load_artifact_json(client, run_id, f"forgetting/{method}.json"))
+            metrics = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith(f"{method}.")}
+            report["methods"][method] = {"matrix": matrix.to_dict(), "summary": metrics}
+            if not args.json:
+                print(format_matrix(matrix, f"{method} ({read}):", metrics), end="\n\n")
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"run {run.info.run_id} ({run.info.status}), pipeline {run.data.tags.get('hft.pipeline')}")
+        print(f"run {run_id} ({run.info.status}), pipeline {run.data.tags.get('hft.pipeline')}")
     return 0

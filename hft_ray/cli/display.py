@@ -39,21 +39,43 @@ def format_plan(plan: SelectionPlan, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = None) -> str:
+def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = None, std=None,
+                  summary_std: dict[str, float] | None = None) -> str:
     """A forgetting matrix as a table: one row per stage, one column per domain; trained
-    cells marked with *."""
-    width = max(8, *(len(c) + 2 for c in matrix.columns))
+    cells marked with *. With `std` (a matrix of standard deviations over seeds) each cell reads
+    mean±std, and with `summary_std` each summary metric too."""
+    cell = (lambda r, c: f"{matrix.scores[r][c]:.3f}±{std.scores[r][c]:.3f}") if std else (
+        lambda r, c: f"{matrix.scores[r][c]:.3f}")
+    width = max(8 if std is None else 13, *(len(c) + 2 for c in matrix.columns))
     label_width = max(len(r) for r in matrix.rows) + 2
     lines = [title] if title else []
     lines.append(" " * label_width + "".join(f"{c:>{width}}" for c in matrix.columns))
-    for index, (label, row) in enumerate(zip(matrix.rows, matrix.scores, strict=True)):
+    for index, label in enumerate(matrix.rows):
         trained = matrix.stage_domains[index - 1] if index else None
-        cells = "".join(f"{score:>{width - 1}.3f}{'*' if c == trained else ' '}"
-                        for c, score in zip(matrix.columns, row, strict=True))
+        cells = "".join(f"{cell(index, k):>{width - 1}}{'*' if c == trained else ' '}"
+                        for k, c in enumerate(matrix.columns))
         lines.append(f"{label:<{label_width}}{cells}")
     if summary:
-        lines.append("  ".join(f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}" for k, v in summary.items()))
+        spread = (lambda k: f"±{summary_std[k]:.3f}" if k in summary_std else "") if summary_std else (lambda k: "")
+        lines.append("  ".join((f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}") + spread(k) for k, v in summary.items()))
     return "\n".join(lines)
+
+
+def format_result(result, described: str) -> str:
+    """A run's matrices (over seeds: mean±std, and then each method against the reference, in
+    words). `result`: hft_ray.run.results.PipelineResult; `described`: what the columns score."""
+    from hft_ray.core.seeds import in_words
+
+    over = f"mean±std over seeds {', '.join(map(str, result.seeds))}; " if result.seeds else ""
+    parts = [format_matrix(matrix, f"{method} ({over}{described}; * = trained in that stage)",
+                           result.summaries[method], result.matrix_std.get(method), result.summary_std.get(method))
+             for method, matrix in result.matrices.items()]
+    if result.comparisons:
+        lines = [f"compared with {result.reference}, seed by seed (paired; Student-t 95% intervals):"]
+        lines += [f"  {in_words(method, result.reference, metric, c)}"
+                  for method, by_metric in result.comparisons.items() for metric, c in by_metric.items()]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 MEMORY_ROWS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "AdamW state"),

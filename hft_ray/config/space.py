@@ -68,13 +68,16 @@ class Space(Strict):
         None, description="periodic re-selection: a new plan every N steps (0: one plan per stage)")
     strategy: list[Literal[STRATEGIES]] | Sampler | None = Field(  # type: ignore[valid-type]
         None, description="random (the paper's draw) or importance (freeze what earlier domains need most)")
+    seeds: Annotated[int, Field(gt=0)] | Annotated[list[int], Field(min_length=1)] | None = Field(
+        None, description="not searched: every trial runs its configuration once per seed (N: the pipeline's "
+                          "seed and the N-1 after it; or a list) and Tune ranks trials on the mean")
 
-    @field_validator("*", mode="before")
+    @field_validator(*SEARCHED, mode="before")
     @classmethod
     def _scalar_is_one_value(cls, value):
         return value if isinstance(value, (list, dict)) or value is None else [value]
 
-    @field_validator("*")
+    @field_validator(*SEARCHED)
     @classmethod
     def _sampler_fits(cls, value, info):
         if not isinstance(value, Sampler):
@@ -100,6 +103,12 @@ class Space(Strict):
         if value.uniform is not None and not value.uniform[1] < 1:
             raise ValueError(f"uniform: {list(value.uniform)!r}; a ratio needs 0 < low < high < 1")
         return value
+
+    def seed_list(self, first: int) -> list[int] | None:
+        """The seeds every trial runs (`first`: the pipeline's seed), or None for one seed."""
+        if self.seeds is None:
+            return None
+        return list(range(first, first + self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     def values(self, key: str) -> list:
         """Every value `key` may take in a trial (a grid's list, a choice's options)."""
@@ -166,7 +175,7 @@ def _format_error(error: dict) -> str:
         del loc[1]  # the tag of the scheduler union
     key = ".".join(loc) or "(top)"
     if error["type"] == "extra_forbidden":
-        return (f"{key}: unknown key; valid keys: pipeline, set, space ({', '.join(SEARCHED)}), "
+        return (f"{key}: unknown key; valid keys: pipeline, set, space ({', '.join(SEARCHED)}, seeds), "
                 "objective (metric, bwt_weight, mode), num_samples, max_concurrent, "
                 "scheduler (kind, grace_period, reduction_factor)")
     if error["type"] == "value_error":
@@ -254,11 +263,18 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> LoadedSpace:
         if space.space.reselect_every is not None and spec.train.workers > 1:
             problems.append(f"space.reselect_every: periodic re-selection runs on one worker; the pipeline has "
                             f"train.workers: {spec.train.workers}; add set: {{train.workers: 1}}")
+        if space.space.seeds is not None and (space.space.seed is not None or spec.seeds is not None):
+            problems.append("space.seeds: every trial runs these seeds; drop " + (
+                "space.seed (a searched selection seed would be the same in every seed)" if space.space.seed
+                is not None else "the pipeline's seeds: key (add set: {seeds: null})"))
         if space.objective.metric in ("BWT", "forgetting", "OP+BWT") and len(spec.stages) < 2:
             problems.append(f"objective.metric: {space.objective.metric!r} needs 2 or more stages; "
                             f"the pipeline has {len(spec.stages)}; use OP")
     if problems:
         raise UserError(*problems)
+    if space.space.seeds is not None:  # trials, and the best pipeline made from one, run them all
+        pipeline_data["seeds"] = space.space.seed_list(spec.seed)
+        spec = parse_spec(pipeline_data, str(pipeline_path))
     return LoadedSpace(space, pipeline_path, pipeline_data, spec, text)
 
 

@@ -9,7 +9,8 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from hft_ray.config.files import read_yaml
 from hft_ray.config.model_defaults import fill_model_defaults
-from hft_ray.config.sources import DatasetSource, FileSource, HarnessSource, ModelSpec, Strict, is_harness
+from hft_ray.config.cross_checks import cross_problems
+from hft_ray.config.sources import DatasetSource, FileSource, HarnessSource, ModelSpec, Strict
 from hft_ray.core.scores import DEFAULT as DEFAULT_METRIC
 from hft_ray.core.scores import NAMES as METRIC_NAMES
 from hft_ray.core.selection import GRANULARITIES, STRATEGIES
@@ -196,7 +197,12 @@ class OutputSpec(Strict):
 
 class PipelineSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, description="the seed of the selection draw, the data order and a built-in model's "
+                      "initialisation (and of the synthetic domains' data, which every seed of `seeds` shares)")
+    seeds: list[int] | None = Field(None, min_length=1, description="run every method once per seed, as a branch "
+                                    "of its own; the results come as means, deviations and paired comparisons")
+    compare_to: str | None = Field(None, description="the method every other one is compared with over seeds "
+                                   "(default: the first listed)")
     model: ModelSpec
     pretrain: PretrainSpec | None = None
     domains: dict[str, DomainSpec] = Field(min_length=1)
@@ -219,6 +225,25 @@ class PipelineSpec(Strict):
     def notes(self) -> tuple[str, ...]:  # to print at the start: defaults chosen, rates too high
         return self._notes
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) < len(seeds):
+            raise ValueError("a seed is listed twice; list each seed once")
+        return seeds
+
+    @property
+    def run_seeds(self) -> list[int]:
+        return self.seeds or [self.seed]
+
+    @property
+    def reference(self) -> str:
+        return self.compare_to or next(iter(self.methods))
+
+    def for_seed(self, seed: int) -> PipelineSpec:
+        """The pipeline as one seed of `seeds` runs it."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
+
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
@@ -235,35 +260,6 @@ class PipelineSpec(Strict):
         domains of earlier stages, each once, in order. Importance-aware selection protects these."""
         names = (self.pretrain.domains if self.pretrain else []) + [s.domain for s in self.stages[:index - 1]]
         return list(dict.fromkeys(names))
-
-
-def _cross_problems(data: dict) -> list[str]:
-    """Problems between keys, found on the raw data so they are listed beside schema errors."""
-    problems = []
-    domains = data.get("domains") if isinstance(data.get("domains"), dict) else {}
-    for index, stage in enumerate(data.get("stages") or []):
-        if isinstance(stage, dict) and "domain" in stage and stage["domain"] not in domains:
-            problems.append(f"stages.{index}.domain: {stage['domain']!r} is not a domain; "
-                            f"domains: {', '.join(domains) or '(none)'}")
-        elif isinstance(stage, dict) and is_harness(domains.get(stage.get("domain"))):
-            problems.append(f"stages.{index}.domain: {stage['domain']!r} is an lm-evaluation-harness column, "
-                            "evaluated after every stage and never trained; train on another domain")
-    methods = data.get("methods") if isinstance(data.get("methods"), dict) else {}
-    dpo = [i for i, s in enumerate(data.get("stages") or []) if isinstance(s, dict) and s.get("kind") == "dpo"]
-    for name, method in methods.items():
-        if isinstance(method, dict) and method.get("kind") == "joint" and dpo:
-            problems.append(f"methods.{name}: kind joint mixes SFT data and cannot train the DPO stages "
-                            f"(stages {', '.join(map(str, dpo))}); drop the method or those stages")
-    pretrain = data.get("pretrain")
-    if isinstance(pretrain, dict):
-        for index, name in enumerate(pretrain.get("domains") or []):
-            if name not in domains:
-                problems.append(f"pretrain.domains.{index}: {name!r} is not a domain; "
-                                f"domains: {', '.join(domains) or '(none)'}")
-            elif is_harness(domains[name]):
-                problems.append(f"pretrain.domains.{index}: {name!r} is an lm-evaluation-harness column, never "
-                                "trained; pretrain on another domain")
-    return problems
 
 
 def _format_error(error: dict) -> str:
@@ -288,7 +284,7 @@ def parse_spec(data: Any, source: str = "pipeline") -> PipelineSpec:
     except ValidationError as error:
         problems = [_format_error(e) for e in error.errors()]
         spec = None
-    problems += _cross_problems(data)
+    problems += cross_problems(data)
     if problems:
         raise UserError(*problems)
     return spec

@@ -2,8 +2,10 @@
 `hft-ray run --resume` after a dead driver skips finished work and reuses its MLflow runs.
 
     {"spec_sha256", "parent_run_id", "attempt",
-     "base": {"checkpoint", "scores"},
-     "branches": {method: {"stages": {"1": {"importance", "run_id", "checkpoint", "row"}, ...}}}}
+     "bases": {key: {"checkpoint", "scores"}},   # key "" (the shared base) or "seed-<s>"
+     "branches": {branch: {"stages": {"1": {"importance", "run_id", "checkpoint", "row"}, ...}}}}
+
+A branch is named by its method, or method@seed with several seeds (hft_ray/run/layout.py).
 
 A stage entry gains `importance` when its unit scores are measured (importance-aware selection),
 `run_id` when its child run is created, `checkpoint` when its training has finished (Ray Train
@@ -35,7 +37,7 @@ class Manifest:
     spec_sha256: str
     parent_run_id: str = ""
     attempt: int = 0
-    base: dict = field(default_factory=dict)
+    bases: dict[str, dict] = field(default_factory=dict)
     branches: dict[str, dict] = field(default_factory=dict)
     driver: dict = field(default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid()})
 
@@ -51,6 +53,9 @@ class Manifest:
         except OSError:
             return False
 
+    def base(self, key: str = "") -> dict:
+        return self.bases.setdefault(key, {})
+
     def stage(self, method: str, index: int) -> dict:
         return self.branches.setdefault(method, {"stages": {}})["stages"].setdefault(str(index), {})
 
@@ -65,14 +70,14 @@ class Manifest:
     def save(self) -> None:
         """Whole or not at all (hft_ray/storage.py): a reader never sees half a manifest."""
         content = {"spec_sha256": self.spec_sha256, "parent_run_id": self.parent_run_id, "attempt": self.attempt,
-                   "base": self.base, "branches": self.branches, "driver": self.driver}
+                   "bases": self.bases, "branches": self.branches, "driver": self.driver}
         (self.folder / FILE).write_text(json.dumps(content, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path | Location) -> Manifest:
         folder = Location(folder)
         data = json.loads((folder / FILE).read_text())
-        return cls(folder, data["spec_sha256"], data["parent_run_id"], data["attempt"], data["base"], data["branches"],
+        return cls(folder, data["spec_sha256"], data["parent_run_id"], data["attempt"], data["bases"], data["branches"],
                    data["driver"])
 
     def take_over(self) -> None:

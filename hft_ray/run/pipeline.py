@@ -1,9 +1,11 @@
 """`hft-ray run`: the pipeline's DAG (docs/design.md, "Data flow") driven from here.
 
-    base model (+ pretrain) -> row 0
-      -> a worker group per method branch, side by side: its stages in order
+    base model (+ pretrain, in a worker group of its own; one base per seed where the seed
+      changes it, hft_ray/run/layout.py) -> row 0
+      -> a worker group per branch (method, and seed), side by side: its stages in order
       -> each stage's checkpoint evaluated on every domain while the next stage trains
-      -> forgetting matrix per branch -> MLflow
+      -> forgetting matrix per branch -> MLflow (with several seeds: means, deviations and
+         paired comparisons, hft_ray/run/results.py)
 
 The scheduler decides (hft_ray/run/scheduler.py), the runner does it on Ray
 (hft_ray/run/runner.py), and this driver records: it is the only process writing to MLflow.
@@ -15,16 +17,16 @@ import os
 import time
 
 from hft_ray.config.preflight import Prepared
-from hft_ray.run.base import initial_checkpoint, pretrain_threads
+from hft_ray.run.base import bases, launch_pretrain, pretrain_threads
 from hft_ray.run.cluster import Capacity, branch_slots
 from hft_ray.run.manifest import Manifest, spec_digest
-from hft_ray.run.planner import Planner
+from hft_ray.run.layout import Layout
 from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.recorder import Recorder
 from hft_ray.run.results import PipelineResult, record_results
 from hft_ray.run.runner import EvalSettings, RayRunner, Services
-from hft_ray.run.scheduler import Evaluate, Launch, Scheduler
+from hft_ray.run.scheduler import Evaluate, Launch, Pretrain, Scheduler
 from hft_ray.run.tracking import Tracker
 from hft_ray.storage import Location
 
@@ -45,7 +47,7 @@ class PipelineRun:
             resume.take_over()
         self.manifest = resume
         self.output_dir = resume.folder
-        self.planner = Planner(self.spec, self.domains, self.output_dir)
+        self.layout = Layout(self.spec, self.domains, self.output_dir)
 
     def run_name(self, what: str) -> str:
         """A new Ray Train run name per attempt (reusing one resumes that old run)."""
@@ -53,14 +55,14 @@ class PipelineRun:
 
     def run(self) -> PipelineResult:
         spec, manifest, t = self.spec, self.manifest, self.spec.train
-        self.slots = min(len(spec.methods), branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity))
+        self.slots = min(len(self.layout.branches), branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity))
         # Evaluators warm up (import torch) while this driver sets up; one per two branches at once
         # keeps up with them (an evaluation takes a fraction of a stage).
         services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},
                                   EvalSettings.of(self.prepared), max(1, self.slots // 2))
         runner = RayRunner(services, self.output_dir.name, str(self.output_dir / "ray"),
                            Scaling.of(t))
-        recorder = Recorder(spec, self.planner, manifest, self.tracker, self.board, str(self.output_dir / "ray"),
+        recorder = Recorder(spec, self.layout, manifest, self.tracker, self.board, str(self.output_dir / "ray"),
                             self.prepared.metrics)
         try:
             scheduler = self._start(runner, recorder)
@@ -68,8 +70,9 @@ class PipelineRun:
             for event in runner.events():
                 recorder.record(event)
                 self._act(runner, scheduler.on(event), scheduler)
-            rows = {"base": scheduler.base_row, **{b.name: b.rows for b in scheduler.branches.values()}}
-            result = record_results(spec, self.tracker, manifest.parent_run_id, self.output_dir, rows,
+            rows = {"bases": {k: b.row for k, b in scheduler.bases.items()},
+                    **{b.name: b.rows for b in scheduler.branches.values()}}
+            result = record_results(spec, self.layout, self.tracker, manifest.parent_run_id, rows,
                                     self.prepared.metrics)
         except BaseException as error:
             recorder.fail(str(error) or type(error).__name__)
@@ -94,31 +97,27 @@ class PipelineRun:
                        f"({self.tracker.tracking_uri})")
 
     def _start(self, runner: RayRunner, recorder: Recorder) -> Scheduler:
-        """The base model's first checkpoint, then the first launches (and evaluations)."""
-        spec, manifest = self.spec, self.manifest
-        base, pretrain_from = manifest.base.get("checkpoint"), None
-        if not base:
-            base = initial_checkpoint(spec, self.output_dir)
-            if spec.pretrain:  # the first branch launched pretrains it, the others wait for it
-                pretrain_from, base = base, str(self.planner.base)
-                self.board.say(f"[hft-ray] pretrain on {', '.join(spec.pretrain.domains)}: {spec.pretrain.steps} steps")
-            else:
-                manifest.base["checkpoint"] = base
-        branches = [recorder.branch_from_manifest(method) for method in spec.methods]
-        scheduler = Scheduler(branches, len(spec.stages), self.slots, base, manifest.base.get("scores"), pretrain_from)
+        """The bases, then the first launches (and evaluations)."""
+        nodes = bases(self.spec, self.layout, self.manifest)
+        self.side_by_side = min(self.slots, sum(not b.ready for b in nodes)) or 1  # bases pretraining at first
+        branches = [recorder.branch_from_manifest(node) for node in self.layout.branches.values()]
+        scheduler = Scheduler(branches, len(self.spec.stages), self.slots, nodes)
         self._act(runner, scheduler.start(), scheduler)
         return scheduler
 
     def _act(self, runner: RayRunner, actions: list, scheduler: Scheduler) -> None:
         for action in actions:
             if isinstance(action, Launch):
-                job = self.planner.branch(action.branch, action.first, action.start, action.wait_for_start,
-                                          pretrain_threads(self.spec, self.capacity))
-                runner.launch(job, self.run_name(action.branch))
+                node = self.layout.branches[action.branch]
+                job = self.layout.planner(node.name).branch(node.method, action.first, action.start, node.name)
+                runner.launch(job, self.run_name(node.name))
+            elif isinstance(action, Pretrain):
+                threads = pretrain_threads(self.spec, self.capacity, self.side_by_side)
+                name = self.layout.bases[action.base].job_name
+                launch_pretrain(self.spec, self.layout, action, runner, threads, self.run_name(name), self.board)
             elif isinstance(action, Evaluate):
                 runner.evaluate(action)
         waiting = scheduler.waiting()
-        if waiting and any(isinstance(a, Launch) for a in actions):
-            self.board.say(f"[hft-ray] {', '.join(waiting)}: waiting for a free slot "
-                           f"({scheduler.slots} branch(es) train at once here)")
-
+        if waiting and any(isinstance(a, (Launch, Pretrain)) for a in actions):
+            self.board.say(f"[hft-ray] {', '.join(waiting)}: waiting for a base or a free slot "
+                           f"({scheduler.slots} worker group(s) train at once here)")

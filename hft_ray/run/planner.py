@@ -19,23 +19,19 @@ class Planner:
     def __init__(self, spec: PipelineSpec, domains: dict[str, DomainData], folder: str | Path | Location):
         self.spec, self.domains, self.folder = spec, domains, Location(folder)
 
-    def branch(self, method: str, first: int, start: str, wait_for_start: bool = False,
-               pretrain_threads: int = 1) -> BranchJob:
-        """`method`'s stages from `first` on (0: pretraining the base first), from the checkpoint
-        `start` (which another branch may still be pretraining: `wait_for_start`)."""
-        stages = tuple(self.stage(method, i) for i in range(max(1, first), len(self.spec.stages) + 1))
-        if first == 0:
-            stages = (self.pretrain_stage(pretrain_threads),) + stages
-        return BranchJob(method, start, stages, self.settings,
-                         threads=max(1, int(self.spec.train.cpus_per_worker)), wait_for_start=wait_for_start)
+    def branch(self, method: str, first: int, start: str, name: str | None = None) -> BranchJob:
+        """`method`'s stages from `first` on, from the checkpoint `start`, as the branch `name`
+        (default: the method's name)."""
+        stages = tuple(self.stage(method, i) for i in range(first, len(self.spec.stages) + 1))
+        return BranchJob(name or method, start, stages, self.settings, threads=max(1, int(self.spec.train.cpus_per_worker)))
 
-    def pretrain(self, start: str, threads: int) -> BranchJob:
-        """Pretraining alone, as a branch of its own (a Tune search makes its base so)."""
-        return BranchJob("pretrain", start, (self.pretrain_stage(threads),), self.settings, threads=threads)
+    def pretrain(self, start: str, threads: int, name: str = "pretrain") -> BranchJob:
+        """Pretraining the base, as a worker group of its own (the base node of the run's DAG)."""
+        return BranchJob(name, start, (self.pretrain_stage(threads),), self.settings, threads=threads)
 
     def pretrain_stage(self, threads: int) -> StageJob:
         """Full training of the base model on `pretrain.domains`, mixed evenly: stage 0, into
-        `base`, with `threads` (it runs before the other branches train: the CPUs are free).
+        `base`, with `threads` (it runs before the branches that start from it: the CPUs are free).
         Evenly: each domain's rows repeated up to the largest one's count, so 150 facts are not
         drowned by 2,000 skill examples."""
         pretrain, seed = self.spec.pretrain, self.spec.seed

@@ -62,15 +62,20 @@ def comparison(
     path: str | os.PathLike,
     title: str = "Methods compared: which keeps more",
     references: Collection[str] = (),
+    spread: Mapping[str, tuple[Mapping[str, float], ForgettingMatrix]] | None = None,
+    summaries: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
     """Methods side by side: (a) grouped bars of their summary metrics (only those defined),
     (b) one panel per domain with each method's score after every stage, stages that trained
     the domain shaded. Higher is better for every metric except forgetting. `references` (the
-    joint, multi-task upper bound) are drawn dashed, with their bars hatched."""
+    joint, multi-task upper bound) are drawn dashed, with their bars hatched. Over seeds,
+    `matrices` and `summaries` are means and `spread` gives each method's standard deviations
+    (of its summary, and cell by cell), drawn as error bars."""
     if not matrices:
         raise ValueError("comparison: no matrices given; pass {method: ForgettingMatrix}")
     methods = list(matrices)
-    summaries = {m: summary(matrices[m]) for m in methods}
+    summaries = summaries or {m: summary(matrices[m]) for m in methods}
+    spread = spread or {}
     metrics = [k for k in BAR_METRICS if any(k in s for s in summaries.values())]
     domains = list(dict.fromkeys(c for m in matrices.values() for c in m.columns))
 
@@ -84,10 +89,11 @@ def comparison(
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     first = matrices[methods[0]]  # its stages label the x axes of (b)
 
-    _summary_bars(fig.add_subplot(grid[0, :]), methods, summaries, metrics, colours, references)
+    _summary_bars(fig.add_subplot(grid[0, :]), methods, summaries, metrics, colours, references,
+                  {m: s for m, (s, _) in spread.items()})
     for n, domain in enumerate(domains):
         ax = fig.add_subplot(grid[1 + n // n_panel_cols, n % n_panel_cols])
-        _domain_panel(ax, matrices, domain, colours, first, references)
+        _domain_panel(ax, matrices, domain, colours, first, references, {m: r for m, (_, r) in spread.items()})
         ax.set_title(f"{'(b) ' if n == 0 else ''}{ax.get_title()}", fontsize=10)
         if n % n_panel_cols == 0:
             ax.set_ylabel("score")
@@ -97,14 +103,16 @@ def comparison(
     _save(fig, path)
 
 
-def _summary_bars(bars, methods, summaries, metrics, colours, references=()) -> None:
-    """(a): grouped bars of the summary metrics, one group per metric, one bar per method."""
+def _summary_bars(bars, methods, summaries, metrics, colours, references=(), stds=None) -> None:
+    """(a): grouped bars of the summary metrics, one group per metric, one bar per method (with
+    `stds`, error bars of one standard deviation over seeds)."""
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(metrics))]
         ys = [summaries[m].get(k, math.nan) for k in metrics]  # NaN: no bar where undefined
+        errors = [stds[m].get(k, 0.0) for k in metrics] if stds and m in stds else None
         drawn = bars.bar(xs, ys, width, label=f"{m} (reference)" if m in references else m, color=colours[m],
-                         hatch="//" if m in references else None)
+                         hatch="//" if m in references else None, yerr=errors, capsize=3 if errors else 0)
         bars.bar_label(drawn, fmt="%.3f", fontsize=8, padding=2)
     bars.axhline(0.0, color="grey", linewidth=0.8)
     bars.set_xticks(range(len(metrics)),
@@ -114,13 +122,15 @@ def _summary_bars(bars, methods, summaries, metrics, colours, references=()) -> 
     bars.margins(y=0.2)
 
 
-def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix, references=()) -> None:
-    """(b): one domain's score after every stage, per method; the stages that trained it shaded."""
+def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix, references=(), stds=None) -> None:
+    """(b): one domain's score after every stage, per method (with `stds`, error bars of one
+    standard deviation over seeds); the stages that trained it shaded."""
     for m, mat in matrices.items():
         if domain in mat.columns:
             stages = range(len(mat.rows))
-            ax.plot(stages, [mat.score(r, domain) for r in stages], marker="o", color=colours[m], label=m,
-                    linestyle="--" if m in references else "-")
+            errors = [stds[m].score(r, domain) for r in stages] if stds and m in stds else None
+            ax.errorbar(stages, [mat.score(r, domain) for r in stages], yerr=errors, marker="o", color=colours[m],
+                        label=m, linestyle="--" if m in references else "-", capsize=3 if errors else 0)
     # Shade, on the first method's stages, where this domain was trained.
     for i, d in enumerate(first.stage_domains, start=1):
         if d == domain:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hft_ray.config.spec import PipelineSpec
 from hft_ray.run.manifest import Manifest
-from hft_ray.run.planner import Planner
+from hft_ray.run.layout import BranchNode, Layout
 from hft_ray.run.progress import Board
 from hft_ray.run.retention import releasable
 from hft_ray.run.runner import RunFailure
@@ -19,9 +19,9 @@ from hft_ray.train.stage import PLAN_FILE
 
 
 class Recorder:
-    def __init__(self, spec: PipelineSpec, planner: Planner, manifest: Manifest, tracker: Tracker, board: Board,
+    def __init__(self, spec: PipelineSpec, layout: Layout, manifest: Manifest, tracker: Tracker, board: Board,
                  logs: str, metrics: dict[str, str]):
-        self.spec, self.planner, self.manifest, self.tracker, self.board = spec, planner, manifest, tracker, board
+        self.spec, self.layout, self.manifest, self.tracker, self.board = spec, layout, manifest, tracker, board
         self.logs = logs
         self.metrics = metrics  # the score each column's matrix reads, by domain
         self.open_runs: set[str] = set()
@@ -38,16 +38,16 @@ class Recorder:
     def record(self, event) -> None:
         self.handlers[type(event)](event)
 
-    def branch_from_manifest(self, method: str) -> Branch:
-        """What an earlier attempt of this run finished of `method` (nothing, for a new run)."""
-        done = self.manifest.finished_stages(method)
-        stages = {i: self.manifest.stage(method, i) for i in range(1, done + 1)}
-        branch = Branch(method, trained={i: e["checkpoint"] for i, e in stages.items()},
-                        rows={i: e["row"] for i, e in stages.items() if e.get("row")})
+    def branch_from_manifest(self, node: BranchNode) -> Branch:
+        """What an earlier attempt of this run finished of the branch (nothing, for a new run)."""
+        done = self.manifest.finished_stages(node.name)
+        stages = {i: self.manifest.stage(node.name, i) for i in range(1, done + 1)}
+        branch = Branch(node.name, trained={i: e["checkpoint"] for i, e in stages.items()},
+                        rows={i: e["row"] for i, e in stages.items() if e.get("row")}, base=node.base)
         for index in set(branch.trained) - set(branch.rows):  # trained, not evaluated: its run stays open
             self._reopen(stages[index]["run_id"])
         if done:
-            self.board.say(f"[hft-ray] {method}: stages 1-{done} done in an earlier attempt")
+            self.board.say(f"[hft-ray] {node.name}: stages 1-{done} done in an earlier attempt")
         return branch
 
     def _label(self, method: str, index: int) -> str:
@@ -60,17 +60,19 @@ class Recorder:
             self.tracker.reopen(run_id, self.manifest.attempt)
             self.open_runs.add(run_id)
 
-    def _stage_run(self, method: str, index: int, selection: dict) -> str:
+    def _stage_run(self, branch: str, index: int, selection: dict) -> str:
         """The stage's child run: this attempt's, an earlier attempt's (reopened), or a new one."""
-        entry = self.manifest.stage(method, index)
+        entry = self.manifest.stage(branch, index)
         if entry.get("run_id"):
             self._reopen(entry["run_id"])
             return entry["run_id"]
-        entry["run_id"] = self.tracker.start_stage(self.manifest.parent_run_id, method, index,
-                                                   self.spec.stages[index - 1].domain)
-        self.tracker.log_selection(entry["run_id"], selection, self.planner.replay(method, index))
+        node, planner = self.layout.branches[branch], self.layout.planner(branch)
+        entry["run_id"] = self.tracker.start_stage(self.manifest.parent_run_id, node.method, index,
+                                                   self.spec.stages[index - 1].domain,
+                                                   node.seed if self.layout.several else None)
+        self.tracker.log_selection(entry["run_id"], selection, planner.replay(node.method, index))
         if self.spec.stages[index - 1].kind == "sft":  # the token folders the stage read (hft_ray/data/tokens.py)
-            folders = [Location(part.folder).name for part in self.planner.parts(method, index)]
+            folders = [Location(part.folder).name for part in planner.parts(node.method, index)]
             self.tracker.log_params(entry["run_id"], {"data.tokens": ",".join(folders)})
         if selection.get("importance"):
             entry["importance"] = selection["importance"]
@@ -89,7 +91,7 @@ class Recorder:
         self.board.stage_started(event.branch, label, event.steps)
         self.board.say(f"[hft-ray] {label}: training {event.steps} steps on {self.spec.train.workers} worker(s), "
                        f"{event.trainable / event.total:.0%} of parameters trained")
-        strategy = self.spec.methods[event.branch].model_dump().get("strategy")
+        strategy = self.spec.methods[self.layout.method(event.branch)].model_dump().get("strategy")
         if strategy == "importance" and event.selection.get("importance"):
             scores = event.selection["importance"]
             top = sorted(scores, key=scores.get, reverse=True)[:3]
@@ -123,11 +125,12 @@ class Recorder:
                        f"{event.losses[-1]:.4f}, {event.train_s:.0f}s, {event.step_s * 1000:.0f} ms/step")
 
     def pretrained(self, event: StageTrained) -> None:
-        """The base model, pretrained in `event.branch`'s worker group (stage 0)."""
-        self.manifest.base["checkpoint"] = event.checkpoint
+        """A base model, pretrained in its own worker group (stage 0)."""
+        base = self.layout.base_of_job(event.branch)
+        self.manifest.base(base.key)["checkpoint"] = event.checkpoint
         self.manifest.save()
-        (self.planner.folder / "init").remove()  # the untrained weights
-        self.board.say(f"[hft-ray] pretrain done: loss {event.losses[-1]:.4f} in {event.train_s:.0f}s")
+        (base.folder / "init").remove()  # the untrained weights
+        self.board.say(f"[hft-ray] {event.branch} done: loss {event.losses[-1]:.4f} in {event.train_s:.0f}s")
 
     def stage_evaluated(self, event: StageEvaluated) -> None:
         entry = self.manifest.stage(event.branch, event.stage)
@@ -157,11 +160,12 @@ class Recorder:
                 self.manifest.save()
 
     def base_evaluated(self, event: BaseEvaluated) -> None:
+        folder = "/".join(filter(None, ["harness/base", event.base]))
         for name, report in event.reports.items():  # the parent run is open: events come after it starts
-            self.tracker.log_json(self.manifest.parent_run_id, report, f"harness/base/{name}.json")
-        self.manifest.base["scores"] = event.row
+            self.tracker.log_json(self.manifest.parent_run_id, report, f"{folder}/{name}.json")
+        self.manifest.base(event.base)["scores"] = event.row
         self.manifest.save()
-        self.board.say(f"[hft-ray] base: {self._row_text(event.row)}")
+        self.board.say(f"[hft-ray] base{' ' + event.base if event.base else ''}: {self._row_text(event.row)}")
 
     def branch_ended(self, event: BranchEnded) -> None:
         pass

@@ -203,5 +203,5 @@ class RayRunner:
             what = "base evaluation" if action.branch is None else f"{action.branch} stage {action.stage} evaluation"
             raise RunFailure(f"{what} failed: {innermost_message(error)}") from None
         if action.branch is None:
-            return BaseEvaluated(done.row, done.node, done.reports)
+            return BaseEvaluated(done.row, done.node, done.reports, action.base)
         return StageEvaluated(action.branch, action.stage, done.row, done.node, done.reports)

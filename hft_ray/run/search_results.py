@@ -19,7 +19,9 @@ from hft_ray.run.runner import RunFailure
 from hft_ray.run.tracking import SearchTracker
 
 SUMMARY = ("objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta")
+SPREAD = tuple(f"{k}.std" for k in SUMMARY)  # over a trial's seeds (`space.seeds`)
 RESULT_COLUMNS = ("trial_id", *SEARCHED, "status", "stages_done", *SUMMARY, "run_id")
+SEEDED_COLUMNS = ("trial_id", *SEARCHED, "status", "stages_done", "seeds", *SUMMARY, *SPREAD, "run_id")
 STATUS = {"FINISHED": "finished", "KILLED": "stopped_early"}
 BEST_PIPELINE = "best_pipeline.yaml"
 
@@ -49,7 +51,7 @@ def trial_rows(tracker: SearchTracker, parent_id: str, grid) -> tuple[list[dict]
         results[trial_id] = metrics
         rows.append({"trial_id": trial_id, **{k: config.get(k, "") for k in SEARCHED},
                      "status": STATUS.get(run.info.status, "error"), "stages_done": metrics.get("stage", 0),
-                     **{k: metrics.get(k, "") for k in SUMMARY}, "run_id": run.info.run_id})
+                     **{k: metrics.get(k, "") for k in ("seeds", *SUMMARY, *SPREAD)}, "run_id": run.info.run_id})
     return rows, results
 
 
@@ -74,8 +76,9 @@ def search_results(loaded: LoadedSpace, tracker: SearchTracker, manifest: Manife
         return TuneResult(parent_id, str(folder), rows, None, None)
     config = {k: best[k] for k in SEARCHED if best[k] != ""}
     best = {**best, "matrix": json.loads(results[best["trial_id"]]["matrix"])}
-    tracker.log_json(parent_id, {"config": config, "objective": best["objective"], "trial_id": best["trial_id"],
-                                 "run_id": best["run_id"]}, "best_config.json")
+    spread = {"objective_std": best["objective.std"], "seeds": spec.seeds} if best.get("objective.std") != "" else {}
+    tracker.log_json(parent_id, {"config": config, "objective": best["objective"], **spread,
+                                 "trial_id": best["trial_id"], "run_id": best["run_id"]}, "best_config.json")
     tracker.log_params(parent_id, {f"best.{k}": v for k, v in config.items()})
     tracker.log_metrics(parent_id, {"best.objective": best["objective"]})
     text = best_pipeline_text(loaded.pipeline_data, loaded.pipeline_path, config)
@@ -85,8 +88,11 @@ def search_results(loaded: LoadedSpace, tracker: SearchTracker, manifest: Manife
 
 
 def _csv(rows: list[dict]) -> str:
+    """A row per trial; with seeds, the metrics are means and each has its `.std` column."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    seeded = any(r.get("objective.std", "") != "" for r in rows)
+    writer = csv.DictWriter(out, fieldnames=SEEDED_COLUMNS if seeded else RESULT_COLUMNS, lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -65,10 +65,17 @@ class Tracker:
         self.client.log_dict(run_id, effective, "pipeline.effective.json")
         return run_id
 
-    def start_stage(self, parent_id: str, method: str, stage: int, domain: str) -> str:
+    def start_stage(self, parent_id: str, method: str, stage: int, domain: str, seed: int | None = None) -> str:
+        """A stage's child run; `seed` with several seeds (the run's name then says method@seed)."""
         tags = {"mlflow.parentRunId": parent_id, "hft.kind": "stage", "hft.method": method,
-                "hft.stage": str(stage), "hft.domain": domain}
-        return self.client.create_run(self.experiment_id, run_name=f"{method}/{stage}:{domain}", tags=tags).info.run_id
+                "hft.stage": str(stage), "hft.domain": domain, **({} if seed is None else {"hft.seed": str(seed)})}
+        branch = method if seed is None else f"{method}@{seed}"
+        return self.client.create_run(self.experiment_id, run_name=f"{branch}/{stage}:{domain}", tags=tags).info.run_id
+
+    def start_seed(self, parent_id: str, method: str, seed: int) -> str:
+        """The child run of one method's one seed, with several seeds: its summary and matrix."""
+        tags = {"mlflow.parentRunId": parent_id, "hft.kind": "seed", "hft.method": method, "hft.seed": str(seed)}
+        return self.client.create_run(self.experiment_id, run_name=f"{method}@{seed}", tags=tags).info.run_id
 
     def log_selection(self, run_id: str, selection: dict, replay: float = 0.0) -> None:
         """What a stage trains: the selection as params (granularity, ratio, seed, trained

@@ -25,14 +25,13 @@ from ray import tune
 from hft_ray.config.preflight import Prepared
 from hft_ray.config.space import SEARCHED, LoadedSpace, Sampler, Space, flatten_set
 from hft_ray.errors import UserError
-from hft_ray.run.base import base_checkpoint
+from hft_ray.run.base import make_bases
 from hft_ray.run.cluster import Capacity
 from hft_ray.run.manifest import Manifest
-from hft_ray.run.planner import Planner
+from hft_ray.run.layout import Layout
 from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.runner import EvalSettings, RayRunner, Services
-from hft_ray.run.scheduler import BaseEvaluated, Evaluate
 from hft_ray.run.search_results import TuneResult, search_results
 from hft_ray.run.tracking import SearchTracker
 from hft_ray.run.trial import TrialContext, run_trial
@@ -140,31 +139,26 @@ def run_search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, 
     return result
 
 
-def _base(prepared: Prepared, manifest: Manifest, services: Services, board: Board, have: Capacity) -> tuple[str, dict]:
-    """The base checkpoint and its row, made once (and kept in the manifest for a resume)."""
-    spec, base = prepared.spec, manifest.base
-    t = spec.train
-    runner = RayRunner(services, f"{manifest.folder.name}-base", str(manifest.folder / "ray"),
-                       Scaling.of(t))
-    if not base.get("checkpoint"):
-        planner = Planner(spec, prepared.domains, manifest.folder)
-        base["checkpoint"] = base_checkpoint(spec, planner, runner, board, have,
-                                             lambda what: f"{what}-{manifest.folder.name}-a{manifest.attempt}")
-        manifest.save()
-    if not base.get("scores"):
-        runner.evaluate(Evaluate(None, 0, base["checkpoint"]))
-        base["scores"] = next(e.row for e in runner.events() if isinstance(e, BaseEvaluated))
-        manifest.save()
-    metrics = prepared.metrics
-    board.say("[hft-ray] base: " + "  ".join(f"{d}={s[metrics[d]]:.2f}" for d, s in base["scores"].items()))
-    return base["checkpoint"], base["scores"]
+def _bases(prepared: Prepared, manifest: Manifest, services: Services, board: Board, have: Capacity,
+           max_concurrent: int) -> dict[str, tuple[str, dict]]:
+    """Every base checkpoint and its row (one, or one per seed), made once before the trials, as
+    `hft-ray run` makes them (and kept in the manifest for a resume): {key: (checkpoint, row)}."""
+    spec = prepared.spec
+    runner = RayRunner(services, f"{manifest.folder.name}-base", str(manifest.folder / "ray"), Scaling.of(spec.train))
+    layout = Layout(spec, prepared.domains, manifest.folder)
+    bases = make_bases(spec, layout, manifest, runner, board, have,
+                       lambda what: f"{what}-{manifest.folder.name}-a{manifest.attempt}", max_concurrent)
+    for key, base in bases.items():
+        board.say(f"[hft-ray] base{' ' + key if key else ''}: " + "  ".join(
+            f"{d}={s[prepared.metrics[d]]:.2f}" for d, s in base.row.items()))
+    return {key: (base.checkpoint, base.row) for key, base in bases.items()}
 
 
 def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, board: Board, have: Capacity,
             manifest: Manifest, services: Services, samples: int) -> TuneResult:
     spec, space = prepared.spec, loaded.space
-    checkpoint, row = _base(prepared, manifest, services, board, have)
-    context = TrialContext(_with_steps(loaded.pipeline_data, spec), prepared.domains, checkpoint, row, services,
+    bases = _bases(prepared, manifest, services, board, have, space.max_concurrent)
+    context = TrialContext(_with_steps(loaded.pipeline_data, spec), prepared.domains, bases, services,
                            str(manifest.folder), space.objective, prepared.metrics)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPUS})
     path = manifest.folder / "tune"
@@ -182,7 +176,8 @@ def _search(loaded: LoadedSpace, prepared: Prepared, tracker: SearchTracker, boa
                                                      storage_filesystem=filesystem, verbose=0,
                                                      callbacks=[logger],
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    board.say(f"[hft-ray] tune: {space.space.model_dump(exclude_none=True)} x {samples} sample(s), "
+    seeds = f", each over seeds {', '.join(map(str, spec.seeds))}" if spec.seeds and len(spec.seeds) > 1 else ""
+    board.say(f"[hft-ray] tune: {space.space.model_dump(exclude_none=True)} x {samples} sample(s){seeds}, "
               f"{space.max_concurrent} at a time, scheduler {space.scheduler.kind}, objective "
               f"{space.objective.metric} ({space.objective.direction})")
     with _trial_lines_to(board):

@@ -7,8 +7,6 @@ under Ray Train (hft_ray/run/ray_worker.py wraps it in a few lines).
 
 from __future__ import annotations
 
-import time
-
 from hft_ray.train.channel import Channel
 from hft_ray.train.checkpoints import is_whole, read_json
 from hft_ray.train.job import BranchJob, StageJob
@@ -20,8 +18,6 @@ from hft_ray.train.stage import TRAIN_LOG_FILE, train_stage, trained_event
 
 def train_branch(job: BranchJob, channel: Channel) -> None:
     runtime = start_runtime(job.threads, job.settings.strategy)
-    while job.wait_for_start and not is_whole(job.start):
-        time.sleep(0.5)  # another branch's first stage, pretraining, writes it
     with channel.restored() as folder:  # set when the worker group restarts after a failure
         progress = Progress.read(folder) if folder else None
         if progress is not None and progress.stage > job.stages[-1].index:

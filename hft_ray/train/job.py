@@ -59,12 +59,11 @@ class StageJob:
 class BranchJob:
     """One method's stages, in order, from `start` (a checkpoint folder)."""
 
-    name: str                  # the method's name in the pipeline ("hft"), or "pretrain"
+    name: str                  # the branch's name ("hft", "hft@1" with several seeds), or "pretrain[@<seed>]"
     start: str
     stages: tuple[StageJob, ...]
     settings: TrainSettings = TrainSettings()
     threads: int = 1           # torch intra-op threads per worker on CPU
-    wait_for_start: bool = False  # `start` is being written elsewhere (another branch pretrains it)
 
     def start_of(self, index: int) -> str:
         """The checkpoint stage `index` starts from: the stage before's, or the branch's start."""

@@ -20,13 +20,13 @@ def test_finished_stages_count_from_the_first_and_reading_adds_nothing(tmp_path)
 
 def test_a_saved_manifest_loads_back_whole_and_leaves_no_temporary_file(tmp_path):
     manifest = Manifest(tmp_path / "run", "digest", parent_run_id="p", attempt=2)
-    manifest.base["checkpoint"] = "/base"
+    manifest.base("seed-1")["checkpoint"] = "/base"
     manifest.stage("fft", 1).update(checkpoint="/c", row={"upper": {"exact_match": 1.0}})
     manifest.save()
     manifest.save()
     loaded = Manifest.load(tmp_path / "run")
     assert (loaded.parent_run_id, loaded.attempt) == ("p", 2)
-    assert (loaded.base, loaded.branches) == (manifest.base, manifest.branches)
+    assert (loaded.bases, loaded.branches) == ({"seed-1": {"checkpoint": "/base"}}, manifest.branches)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [FILE]
 
 
