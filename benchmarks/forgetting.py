@@ -1,17 +1,17 @@
 """Forgetting: FFT vs HFT at every granularity, importance-aware HFT, both with replay, LoRA and
 the joint (multi-task) reference, over several seeds of the quickstart suite, through the real
-tool (`hft-ray run`).
+tool: one `hft-ray run` with `seeds:` (each method a branch per seed, paired comparisons with FFT).
 
-    python benchmarks/forgetting.py                    # 3 seeds, ~15 min each on 2 cores
-    python benchmarks/forgetting.py --seeds 0 --smoke-test
+    python benchmarks/forgetting.py                    # 3 seeds, ~45 min on 2 cores
+    python benchmarks/forgetting.py --seeds 0 1 --smoke-test
 
-Each seed is one pipeline run (pipelines/quickstart.yaml with the methods below and `seed: N`,
-which draws the base model, the data and the plans), logged to benchmarks/out/forgetting/mlflow.db.
-A finished seed is kept in benchmarks/out/forgetting/seed<N>.json and skipped on the next call
-(`--fresh` runs it again). Writes benchmarks/results/forgetting.json (every seed's matrices, exact
-match and token accuracy, and per method the mean and sample standard deviation of OP, BWT,
-forgetting and held-out delta, and mean matrices: the README's figures come from it, and it is
-committed) and forgetting.png, and logs both to an MLflow run named `forgetting-benchmark`.
+The pipeline is pipelines/quickstart.yaml with the methods below and `seeds: [...]`, logged to
+benchmarks/out/forgetting/mlflow.db; a run whose driver died goes on with `--resume`. Writes
+benchmarks/results/forgetting.json (the run's --json output: every seed's matrix, the means,
+deviations and each method's paired comparison with FFT; and per method the mean, sample standard
+deviation and values of OP, BWT, forgetting and held-out delta on exact match and on token
+accuracy, read from each seed's child run: the README's figures come from it, and it is committed)
+and forgetting.png, and logs both to an MLflow run named `forgetting-benchmark`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ METRICS = ("OP", "BWT", "forgetting", "heldout_delta")
 PAPER_OP = {"fft": 45.7, "hft_model": 46.9, "hft_layer": 47.9, "hft_category": 51.3}
 
 
-def pipeline_for(seed: int, smoke: bool, folder: Path) -> dict:
+def pipeline(seeds: list[int], smoke: bool, folder: Path) -> dict:
     data = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
-    data.update(name=f"forgetting-seed{seed}", seed=seed, methods=METHODS,
+    data.update(name="forgetting", seeds=seeds, methods=METHODS, compare_to="fft",
                 tracking={"experiment": "forgetting-benchmark"}, output={"dir": str(folder / "runs")})
     if smoke:
         data["pretrain"]["steps"] = 20
@@ -64,55 +64,57 @@ def pipeline_for(seed: int, smoke: bool, folder: Path) -> dict:
     return data
 
 
-def run_seed(seed: int, smoke: bool, folder: Path) -> dict:
-    """`hft-ray run` of the seed's pipeline; its --json output, kept as seed<N>.json."""
-    path = folder / f"seed{seed}.yaml"
-    path.write_text(yaml.safe_dump(pipeline_for(seed, smoke, folder), sort_keys=False))
+def run(seeds: list[int], smoke: bool, folder: Path, resume: bool) -> dict:
+    """`hft-ray run` of the pipeline over the seeds; its --json output."""
+    path = folder / "forgetting.yaml"
+    path.write_text(yaml.safe_dump(pipeline(seeds, smoke, folder), sort_keys=False))
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "hft_ray", "run", str(path), "--json",
-                             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"],
+                             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *(["--resume"] if resume else [])],
                             stdout=subprocess.PIPE, text=True, cwd=folder)  # progress goes to stderr, live
     if result.returncode:
-        sys.exit(f"seed {seed}: hft-ray run exited {result.returncode}")
+        sys.exit(f"hft-ray run exited {result.returncode}" + ("" if resume else "; go on with --resume"))
     out = json.loads(result.stdout)
     out["wall_s"] = time.perf_counter() - started
-    (folder / f"seed{seed}.json").write_text(json.dumps(out, indent=1))
     return out
 
 
-def with_token_accuracy(out: dict, folder: Path) -> dict:
-    """Add each method's graded matrix (teacher-forced token accuracy), logged beside the
-    exact-match one in the seed's MLflow run, and its summary."""
+def token_accuracy(out: dict, folder: Path) -> dict[str, dict[int, dict]]:
+    """Each method's graded matrix (teacher-forced token accuracy) per seed, logged beside the
+    exact-match one in each seed's child run: {method: {seed: matrix dict}}."""
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    parent = client.get_run(out["parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                              "and tags.`hft.kind` = 'seed'")
+    matrices: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method, entry in out["methods"].items():
-            path = client.download_artifacts(out["parent_run_id"], f"forgetting/{method}.token_accuracy.json", tmp)
-            matrix = ForgettingMatrix.from_dict(json.loads(Path(path).read_text()))
-            entry["token_accuracy"] = {"matrix": matrix.to_dict(), "summary": summary(matrix)}
-    return out
+        for child in runs:
+            method, seed = child.data.tags["hft.method"], int(child.data.tags["hft.seed"])
+            path = client.download_artifacts(child.info.run_id, f"forgetting/{method}.token_accuracy.json", tmp)
+            matrices.setdefault(method, {})[seed] = json.loads(Path(path).read_text())
+    return matrices
 
 
-def aggregate(seeds: dict[int, dict]) -> dict:
+def aggregate(out: dict, graded: dict[str, dict[int, dict]]) -> dict:
+    """The run's output, and per method and metric the mean, std and values on both scores."""
+    seeds = out["seeds"]
     methods = {}
-    for method in METHODS:
-        runs = [seeds[s]["methods"][method] for s in sorted(seeds)]
+    for method, entry in out["methods"].items():
         stats = {}
         for metric in METRICS:
-            for name, summaries in (("", [r["summary"] for r in runs]),
-                                    ("token_accuracy.", [r["token_accuracy"]["summary"] for r in runs])):
-                values = [s[metric] for s in summaries]
+            for name, summaries in (("", [entry["per_seed"][str(s)]["summary"] for s in seeds]),
+                                    ("token_accuracy.", [summary(ForgettingMatrix.from_dict(graded[method][s]))
+                                                         for s in seeds])):
+                values = [v[metric] for v in summaries]
                 stats[name + metric] = {"mean": statistics.fmean(values),
                                         "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-        matrices = [r["matrix"]["scores"] for r in runs]
-        stats["mean_matrix"] = [[statistics.fmean(m[i][j] for m in matrices) for j in range(len(matrices[0][0]))]
-                                for i in range(len(matrices[0]))]
-        stats["columns"] = runs[0]["matrix"]["columns"]
-        stats["rows"] = runs[0]["matrix"]["rows"]
+        stats.update(mean_matrix=entry["matrix"]["scores"], columns=entry["matrix"]["columns"],
+                     rows=entry["matrix"]["rows"])
         methods[method] = stats
-    return {"seeds": sorted(seeds), "methods": methods, "paper_op": PAPER_OP,
-            "wall_s": {s: seeds[s]["wall_s"] for s in sorted(seeds)},
-            "per_seed": {s: {m: {"exact_match": e["matrix"], "token_accuracy": e["token_accuracy"]["matrix"]}
-                             for m, e in seeds[s]["methods"].items()} for s in sorted(seeds)}}
+    return {"seeds": seeds, "methods": methods, "paper_op": PAPER_OP, "wall_s": out["wall_s"],
+            "comparisons": out["comparisons"], "run": out,
+            "per_seed": {s: {m: {"exact_match": out["methods"][m]["per_seed"][str(s)]["matrix"],
+                                 "token_accuracy": graded[m][s]} for m in out["methods"]} for s in seeds}}
 
 
 def table(result: dict, prefix: str = "") -> str:
@@ -176,21 +178,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--smoke-test", action="store_true", help="a few steps per stage: checks the script")
-    parser.add_argument("--fresh", action="store_true", help="run seeds again even when their result is kept")
+    parser.add_argument("--resume", action="store_true", help="go on with the run whose driver died")
     args = parser.parse_args()
     folder = OUT / ("forgetting-smoke" if args.smoke_test else "forgetting")
     folder.mkdir(parents=True, exist_ok=True)
-    seeds = {}
-    for seed in args.seeds:
-        kept = folder / f"seed{seed}.json"
-        if kept.exists() and not args.fresh:
-            print(f"[forgetting] seed {seed}: kept from {kept}", file=sys.stderr)
-            seeds[seed] = json.loads(kept.read_text())
-        else:
-            print(f"[forgetting] seed {seed}: running {len(METHODS)} methods", file=sys.stderr)
-            seeds[seed] = run_seed(seed, args.smoke_test, folder)
-        seeds[seed] = with_token_accuracy(seeds[seed], folder)
-    result = aggregate(seeds)
+    print(f"[forgetting] {len(METHODS)} methods x seeds {args.seeds}", file=sys.stderr)
+    out = run(args.seeds, args.smoke_test, folder, args.resume)
+    result = aggregate(out, token_accuracy(out, folder))
     target = OUT / "forgetting-smoke" if args.smoke_test else RESULTS / "forgetting"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.with_suffix(".json").write_text(json.dumps(result, indent=1))

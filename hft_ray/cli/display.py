@@ -57,7 +57,8 @@ def format_matrix(matrix, title: str = "", summary: dict[str, float] | None = No
         lines.append(f"{label:<{label_width}}{cells}")
     if summary:
         spread = (lambda k: f"±{summary_std[k]:.3f}" if k in summary_std else "") if summary_std else (lambda k: "")
-        lines.append("  ".join((f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}") + spread(k) for k, v in summary.items()))
+        lines.append("  ".join((f"{k}={v:+.3f}" if k != "OP" else f"OP={v:.3f}") + spread(k)
+                               for k, v in summary.items()))
     return "\n".join(lines)
 
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from hft_ray.config.cross_checks import cross_problems
 from hft_ray.config.files import read_yaml
 from hft_ray.config.model_defaults import fill_model_defaults
-from hft_ray.config.cross_checks import cross_problems
 from hft_ray.config.sources import DatasetSource, FileSource, HarnessSource, ModelSpec, Strict
 from hft_ray.core.scores import DEFAULT as DEFAULT_METRIC
 from hft_ray.core.scores import NAMES as METRIC_NAMES

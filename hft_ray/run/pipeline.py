@@ -19,8 +19,8 @@ import time
 from hft_ray.config.preflight import Prepared
 from hft_ray.run.base import bases, launch_pretrain, pretrain_threads
 from hft_ray.run.cluster import Capacity, branch_slots
-from hft_ray.run.manifest import Manifest, spec_digest
 from hft_ray.run.layout import Layout
+from hft_ray.run.manifest import Manifest, spec_digest
 from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.recorder import Recorder
@@ -55,7 +55,8 @@ class PipelineRun:
 
     def run(self) -> PipelineResult:
         spec, manifest, t = self.spec, self.manifest, self.spec.train
-        self.slots = min(len(self.layout.branches), branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity))
+        fit = branch_slots(t.workers, t.cpus_per_worker, t.use_gpu, self.capacity)
+        self.slots = min(len(self.layout.branches), fit)
         # Evaluators warm up (import torch) while this driver sets up; one per two branches at once
         # keeps up with them (an evaluation takes a fraction of a stage).
         services = Services.start({n: list(d.eval[: spec.eval.max_examples]) for n, d in self.domains.items()},

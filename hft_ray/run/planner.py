@@ -23,7 +23,8 @@ class Planner:
         """`method`'s stages from `first` on, from the checkpoint `start`, as the branch `name`
         (default: the method's name)."""
         stages = tuple(self.stage(method, i) for i in range(first, len(self.spec.stages) + 1))
-        return BranchJob(name or method, start, stages, self.settings, threads=max(1, int(self.spec.train.cpus_per_worker)))
+        threads = max(1, int(self.spec.train.cpus_per_worker))
+        return BranchJob(name or method, start, stages, self.settings, threads=threads)
 
     def pretrain(self, start: str, threads: int, name: str = "pretrain") -> BranchJob:
         """Pretraining the base, as a worker group of its own (the base node of the run's DAG)."""

@@ -5,8 +5,8 @@ again after a worker restart or a resumed driver finds its stage already done an
 from __future__ import annotations
 
 from hft_ray.config.spec import PipelineSpec
-from hft_ray.run.manifest import Manifest
 from hft_ray.run.layout import BranchNode, Layout
+from hft_ray.run.manifest import Manifest
 from hft_ray.run.progress import Board
 from hft_ray.run.retention import releasable
 from hft_ray.run.runner import RunFailure

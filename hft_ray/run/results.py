@@ -97,9 +97,10 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
                    metrics: Mapping[str, str]) -> PipelineResult:
     """Logs `forgetting/<method>.{json,csv,png}` (each column its own score; over seeds the mean,
     with `<method>.std.{json,csv}`), beside it the matrix of every score that is not already every
-    column's as `forgetting/<method>.<name>.{json,csv}` (`.token_accuracy`, ...; one seed), the
-    comparison figure, the summaries (`<method>.<metric>`, over seeds also `.std` and
-    `compare.<method>.<metric>.diff|lo|hi`), per seed a child run with its own, and result.json."""
+    column's as `forgetting/<method>.<name>.{json,csv}` (`.token_accuracy`, ...; over seeds in each
+    seed's child run), the comparison figure, the summaries (`<method>.<metric>`, over seeds also
+    `.std` and `compare.<method>.<metric>.diff|lo|hi`), per seed a child run with its own, and
+    result.json."""
     from hft_ray.run.plots import comparison, heatmap
 
     result = aggregate(spec, layout, rows, metrics, parent_id, str(layout.folder))
@@ -114,8 +115,7 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
             else:
                 branch_rows = [rows["bases"][layout.branches[method].base]] + [
                     rows[method][i] for i in range(1, len(spec.stages) + 1)]
-                logged += [(f".{name}", build_matrix(spec, branch_rows, name)) for name in NAMES
-                           if set(metrics.values()) != {name}]
+                logged += [(f".{name}", build_matrix(spec, branch_rows, name)) for name in _other_scores(metrics)]
             for suffix, logged_matrix in logged:
                 tracker.log_json(parent_id, logged_matrix.to_dict(), f"forgetting/{method}{suffix}.json")
                 tracker.log_text(parent_id, logged_matrix.to_csv(), f"forgetting/{method}{suffix}.csv")
@@ -124,13 +124,20 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
             tracker.log_file(parent_id, png, "forgetting")
             tracker.log_metrics(parent_id, {f"{method}.{k}": v for k, v in result.summaries[method].items()})
         for method, by_metric in result.comparisons.items():
-            tracker.log_metrics(parent_id, {f"compare.{method}.{k}.{part}": value for k, c in by_metric.items()
-                                            for part, value in [("diff", c.diff), *zip(("lo", "hi"), c.ci95 or ())]})
+            for metric, c in by_metric.items():
+                bounds = dict(zip(("lo", "hi"), c.ci95, strict=True)) if c.ci95 else {}
+                tracker.log_metrics(parent_id, {f"compare.{method}.{metric}.{part}": value
+                                                for part, value in {"diff": c.diff, **bounds}.items()})
         for method, by_seed in result.per_seed.items() if result.seeds else ():
             for seed, (matrix, values) in by_seed.items():
                 run_id = tracker.start_seed(parent_id, method, seed)
                 tracker.log_metrics(run_id, values)
-                tracker.log_json(run_id, matrix.to_dict(), f"forgetting/{method}.json")
+                branch = layout.branch_name(method, seed)
+                branch_rows = [rows["bases"][layout.branches[branch].base]] + [
+                    rows[branch][i] for i in range(1, len(spec.stages) + 1)]
+                for suffix, logged_matrix in [("", matrix)] + [(f".{name}", build_matrix(spec, branch_rows, name))
+                                                               for name in _other_scores(metrics)]:
+                    tracker.log_json(run_id, logged_matrix.to_dict(), f"forgetting/{method}{suffix}.json")
                 tracker.finish(run_id)
         png = Path(folder) / "comparison.png"
         references = [m for m, method in spec.methods.items() if method_class(method.kind).reference]
@@ -141,6 +148,11 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
         tracker.log_json(parent_id, result.to_json(), RESULT_FILE)
     (layout.folder / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1))
     return result
+
+
+def _other_scores(metrics: Mapping[str, str]) -> list[str]:
+    """The scores whose matrix is logged beside the one the columns read."""
+    return [name for name in NAMES if set(metrics.values()) != {name}]
 
 
 def result_from_json(data: dict) -> PipelineResult:

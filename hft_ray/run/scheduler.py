@@ -105,7 +105,8 @@ class Scheduler:
         self.stages, self.slots = stages, max(1, slots)
 
     def start(self) -> list[Launch | Pretrain | Evaluate]:
-        actions: list = [Evaluate(None, 0, b.checkpoint, b.key) for b in self.bases.values() if b.ready and b.row is None]
+        actions: list = [Evaluate(None, 0, b.checkpoint, b.key)
+                         for b in self.bases.values() if b.ready and b.row is None]
         for branch in self.branches.values():
             actions += [Evaluate(branch.name, i, c) for i, c in sorted(branch.trained.items()) if i not in branch.rows]
             if len(branch.trained) == self.stages:

@@ -14,8 +14,9 @@ from hft_ray.run.tracking import SearchTracker
 
 log = logging.getLogger("hft_ray.tune")  # the driver shows it (hft_ray/run/tuning.py)
 
-LOGGED = ("objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta", "train/loss", "time/train_s",
-          "time/step_s", "trained_fraction_by_params", "trained_fraction_by_matrices")
+SUMMARY = ("objective", "OP", "BWT", "FWT", "forgetting", "heldout_delta")
+LOGGED = (*SUMMARY, *(f"{k}.std" for k in SUMMARY), "seeds", "train/loss", "time/train_s", "time/step_s",
+          "trained_fraction_by_params", "trained_fraction_by_matrices")  # `.std`, `seeds`: over a trial's seeds
 
 
 def trial_config(trial, keys) -> dict:
@@ -60,7 +61,9 @@ class TrialLogger(Callback):
         numbers = {k: v for k, v in result.items() if k in LOGGED or k.startswith("eval/")}
         self.tracker.log_metrics(run_id, numbers, step=stage)
         self.runs[trial.trial_id] = (run_id, stage)
-        log.info(f"[hft-ray] trial {trial.trial_id} stage {stage}/{self.total}: objective {result['objective']:.4f}"
+        spread = f" ± {result['objective.std']:.4f} over {result['seeds']} seeds" if "objective.std" in result else ""
+        log.info(f"[hft-ray] trial {trial.trial_id} stage {stage}/{self.total}: "
+                 f"objective {result['objective']:.4f}{spread}"
                  f" (OP {result.get('OP', float('nan')):.3f}, BWT {result.get('BWT', float('nan')):+.3f})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):

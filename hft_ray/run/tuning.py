@@ -27,8 +27,8 @@ from hft_ray.config.space import SEARCHED, LoadedSpace, Sampler, Space, flatten_
 from hft_ray.errors import UserError
 from hft_ray.run.base import make_bases
 from hft_ray.run.cluster import Capacity
-from hft_ray.run.manifest import Manifest
 from hft_ray.run.layout import Layout
+from hft_ray.run.manifest import Manifest
 from hft_ray.run.progress import Board
 from hft_ray.run.ray_worker import Scaling
 from hft_ray.run.runner import EvalSettings, RayRunner, Services

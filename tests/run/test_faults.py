@@ -94,7 +94,7 @@ def check_manifest(client: MlflowClient, result: dict, attempt: int, stages: int
     parent_id = result["parent_run_id"]
     folder, manifest = read_manifest(client, parent_id)
     assert (manifest["parent_run_id"], manifest["attempt"]) == (parent_id, attempt)
-    assert manifest["base"]["checkpoint"] == str(folder / "base") and is_whole(folder / "base")
+    assert manifest["bases"][""]["checkpoint"] == str(folder / "base") and is_whole(folder / "base")
     runs = stage_runs(client, parent_id)
     recorded = {(method, index): entry for method, branch in manifest["branches"].items()
                 for index, entry in branch["stages"].items()}
@@ -107,7 +107,7 @@ def check_manifest(client: MlflowClient, result: dict, attempt: int, stages: int
         row = {(d, m): s for d, scores in entry.get("row", {}).items() for m, s in scores.items()}
         assert row == {tuple(k.split("/")[1:]): v for k, v in run.data.metrics.items() if k.startswith("eval_all/")}
         assert matrix["scores"][int(index)] == [entry["row"][d]["token_accuracy"] for d in matrix["columns"]]
-        assert matrix["scores"][0] == [manifest["base"]["scores"][d]["token_accuracy"] for d in matrix["columns"]]
+        assert matrix["scores"][0] == [manifest["bases"][""]["scores"][d]["token_accuracy"] for d in matrix["columns"]]
 
 
 SHARDED = ", workers: 2, strategy: fsdp, precision: bf16, gradient_checkpointing: true"

@@ -18,7 +18,7 @@ class Recording:
         self.json, self.files, self.metrics = {}, [], {}
 
     def log_json(self, run_id, data, path):
-        self.json[path] = data
+        self.json[path if run_id == "parent" else f"{run_id}/{path}"] = data
 
     def log_text(self, run_id, text, path):
         pass
@@ -54,7 +54,8 @@ def test_each_column_its_own_score_and_every_other_score_beside_it(tmp_path):
 
 
 def _row(a: float, b: float) -> dict:
-    return {"a": {"exact_match": a}, "b": {"exact_match": b}}
+    """Every score of a column the same (an evaluation computes them all)."""
+    return {"a": dict.fromkeys(NAMES, a), "b": dict.fromkeys(NAMES, b)}
 
 
 def test_over_seeds_the_means_deviations_and_paired_intervals_are_those_worked_out_by_hand(tmp_path):
@@ -90,9 +91,21 @@ def test_over_seeds_the_means_deviations_and_paired_intervals_are_those_worked_o
     assert tracker.metrics["hft.OP"] == pytest.approx(0.7) and tracker.metrics["hft.OP.std"] == pytest.approx(0.1)
     assert tracker.metrics["compare.hft.heldout_delta.lo"] == pytest.approx(0.025793, abs=1e-6)
     assert tracker.metrics["hft@1/OP"] == pytest.approx(0.8), "each seed's own summary in its child run"
-    assert {"forgetting/hft.json", "forgetting/hft.std.json", "result.json"} <= set(tracker.json)
+    assert {"forgetting/hft.json", "forgetting/hft.std.json", "result.json", "hft@2/forgetting/hft.json",
+            "hft@2/forgetting/hft.token_accuracy.json"} <= set(tracker.json)
+    assert "forgetting/hft.token_accuracy.json" not in tracker.json, "over seeds, per seed only"
     assert json.loads((tmp_path / "result.json").read_text())["comparisons"] == out["comparisons"]
     assert result_from_json(out).to_json() == out, "hft-ray report reads back what run wrote"
+
+    from hft_ray.cli.display import format_result
+
+    text = format_result(result_from_json(out), "exact_match")
+    assert "hft (mean±std over seeds 0, 1, 2; exact_match" in text and "0.700±0.100*" in text
+    assert "OP=0.700±0.100" in text
+    assert ("hft's OP is 0.100 higher than fft's (95% CI -0.148 to +0.348; better in 2 of 3 seeds): the interval "
+            "includes 0: no difference shown") in text
+    assert ("hft's heldout_delta is 0.150 higher than fft's (95% CI +0.026 to +0.274; better in 3 of 3 seeds): "
+            "the interval excludes 0") in text
 
 
 def test_one_seed_listed_gives_the_output_of_one_run(tmp_path):
@@ -104,4 +117,5 @@ def test_one_seed_listed_gives_the_output_of_one_run(tmp_path):
     row = {"a": {name: 0.5 for name in NAMES}}
     out = record_results(spec, layout, Recording(), "parent", {"bases": {"": row}, "fft": {1: row}},
                          {"a": "exact_match"}).to_json()
-    assert set(out) == {"parent_run_id", "output_dir", "methods"} and set(out["methods"]["fft"]) == {"matrix", "summary"}
+    assert set(out) == {"parent_run_id", "output_dir", "methods"}
+    assert set(out["methods"]["fft"]) == {"matrix", "summary"}

@@ -2,8 +2,17 @@
 
 import pytest
 
-from hft_ray.run.scheduler import (Base, BaseEvaluated, Branch, BranchEnded, Evaluate, Launch, Pretrain, Scheduler,
-                                   StageEvaluated)
+from hft_ray.run.scheduler import (
+    Base,
+    BaseEvaluated,
+    Branch,
+    BranchEnded,
+    Evaluate,
+    Launch,
+    Pretrain,
+    Scheduler,
+    StageEvaluated,
+)
 from hft_ray.train.events import StageTrained
 
 ROW = {"upper": {"exact_match": 1.0}}

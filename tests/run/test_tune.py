@@ -18,6 +18,7 @@ from hft_ray.cli import main
 from hft_ray.config.preflight import prepare
 from hft_ray.config.space import Objective, load_space, objective_value
 from hft_ray.config.spec import load_spec
+from hft_ray.core.metrics import ForgettingMatrix, summary
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -76,6 +77,11 @@ CASES = [
     ("missing pipeline", {"pipeline": "nope.yaml"}, ["pipeline: 'nope.yaml' does not exist"]),
     ("set names nothing", {"set": {"stages.7.steps": 3}}, ["set.stages.7.steps: 3 does not name an entry"]),
     ("set breaks the pipeline", {"set": {"train.lr": -1}}, ["smoke.yaml (after set): train.lr", "greater than 0"]),
+    ("zero seeds", {"space": {"seeds": 0}}, ["space.seeds", "greater than 0"]),
+    ("seeds beside a searched seed", {"space": {"seeds": 2, "seed": [0, 1]}},
+     ["space.seeds: every trial runs these seeds; drop space.seed"]),
+    ("seeds in both files", {"space": {"seeds": [0, 1]}, "set": {"seeds": [3, 4]}},
+     ["space.seeds: every trial runs these seeds; drop the pipeline's seeds: key"]),
 ]
 
 
@@ -194,14 +200,15 @@ def _search(tmp_path: Path, space: dict) -> tuple[list[str], str]:
     return [sys.executable, "-m", "hft_ray", "tune", str(path), "--tracking-uri", uri, "--json"], uri
 
 
-def test_asha_stops_the_trial_that_cannot_learn(tmp_path):
-    """Two trials one at a time, the pipeline's lr then 1e-7. Stage 1 (150 steps, enough for
-    lr 2e-3 to start on `upper`) leaves the 1e-7 trial at the base model's score: ASHA (grace
-    period 1, reduction factor 2) stops it after stage 1, below the median of the two."""
+def test_asha_stops_the_trial_that_cannot_learn_on_its_mean_over_seeds(tmp_path):
+    """Two trials one at a time, the pipeline's lr then 1e-7, each over 2 seeds (`space.seeds`:
+    a branch per seed, from a base pretrained per seed before the trials). Stage 1 (150 steps,
+    enough for lr 2e-3 to start on `upper`) leaves the 1e-7 trial at the base models' score: ASHA
+    (grace period 1, reduction factor 2) stops it after stage 1 on its mean, below the median."""
     command, uri = _search(tmp_path, {
         "set": {"stages.0.steps": 150, "stages.1.steps": 10, "eval.metric": "token_accuracy",
-                "output.dir": str(tmp_path / "runs")},
-        "space": {"lr": [2.0e-3, 1.0e-7]}, "objective": {"metric": "OP"}, "max_concurrent": 1,
+                "output.dir": str(tmp_path / "runs"), "train.cpus_per_worker": 0.9},
+        "space": {"lr": [2.0e-3, 1.0e-7], "seeds": 2}, "objective": {"metric": "OP"}, "max_concurrent": 1,
         "scheduler": {"kind": "asha", "grace_period": 1}})
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -224,6 +231,21 @@ def test_asha_stops_the_trial_that_cannot_learn(tmp_path):
     rows = {float(r["lr"]): r for r in out["trials"]}
     assert rows[1e-7]["status"] == "stopped_early" and rows[1e-7]["stages_done"] == 1
     assert rows[2e-3]["status"] == "finished" and out["best"]["run_id"] == good.info.run_id
+    # Over seeds: each report is the mean of the trial's 2 branches, with each metric's deviation.
+    folder = Path(parent.data.tags["hft.output_dir"])
+    assert all((folder / f"seed-{s}" / "base" / "model.safetensors").is_file() for s in (0, 1))
+    assert (folder / good.data.tags["hft.trial_id"] / "seed-1" / "best" / "stage-2").is_dir()
+    for lr, run in runs.items():
+        assert run.data.metrics["seeds"] == 2 and run.data.metrics["objective.std"] >= 0, lr
+        matrix = json.loads(Path(client.download_artifacts(run.info.run_id, "forgetting/trial.json")).read_text())
+        mean_op = summary(ForgettingMatrix.from_dict(matrix))["OP"]  # OP is linear: the mean matrix's is the mean
+        assert run.data.metrics["OP"] == pytest.approx(mean_op), lr
+    table = list(csv.DictReader(io.StringIO((folder / "results.csv").read_text())))
+    assert {"seeds", "objective.std", "OP.std", "BWT.std"} <= set(table[0])
+    assert all(float(r["objective.std"]) >= 0 for r in table)
+    best = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_config.json")).read_text())
+    assert best["seeds"] == [0, 1] and best["objective_std"] == pytest.approx(float(rows[2e-3]["objective.std"]))
+    assert load_spec(out["best_pipeline"])[0].seeds == [0, 1], "the best pipeline runs the same seeds"
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
