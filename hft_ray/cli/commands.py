@@ -147,7 +147,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from hft_ray.config.preflight import prepare
     from hft_ray.config.spec import load_spec
 
-    spec, text = load_spec(args.pipeline, args.set + _storage_override(args))
+    seeds = [f"seeds={json.dumps(args.seeds)}"] if args.seeds else []
+    spec, text = load_spec(args.pipeline, args.set + seeds + _storage_override(args))
     _fits_here(args, spec)  # before the preflight writes token folders
     prepared = prepare(spec, Path(args.pipeline).parent)  # every input problem, before anything starts
     _say_rows(prepared)

@@ -69,9 +69,18 @@ def _add_select(sub) -> None:
     select.set_defaults(handler=commands.run_select)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+
+
 def _add_run_and_tune(sub) -> None:
     run = sub.add_parser("run", help="run a pipeline: stages per method, forgetting matrices in MLflow")
     run.add_argument("pipeline", metavar="PIPELINE.yaml")
+    run.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                     help="run every method once per seed and compare them over seeds (sets seeds:), e.g. 0,1,2")
     _add_run_options(run, "continue the newest unfinished run of this pipeline (or RUN_ID) after its driver died: "
                           "finished stages are skipped, their MLflow runs reused")
     run.set_defaults(handler=commands.run_pipeline)

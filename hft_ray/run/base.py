@@ -115,9 +115,9 @@ def make_bases(spec: PipelineSpec, layout: Layout, manifest: Manifest, runner: R
     act(scheduler.start())
     for event in runner.events():
         if isinstance(event, StageStarted):
-            board.stage_started(event.branch, "pretrain", event.steps)
+            board.stage_started(event.branch, event.branch, event.steps)
         elif isinstance(event, StepsDone):
-            board.steps_done(event.branch, "pretrain", event.step, event.steps, event.loss, event.steps_per_s)
+            board.steps_done(event.branch, event.branch, event.step, event.steps, event.loss, event.steps_per_s)
         elif isinstance(event, StageTrained):
             manifest.base(layout.base_of_job(event.branch).key)["checkpoint"] = event.checkpoint
             board.say(f"[hft-ray] {event.branch} done: loss {event.losses[-1]:.4f} in {event.train_s:.0f}s")

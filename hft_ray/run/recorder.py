@@ -52,7 +52,7 @@ class Recorder:
 
     def _label(self, method: str, index: int) -> str:
         if index == 0:
-            return "pretrain"
+            return method  # the base's worker group: pretrain, or pretrain@<seed>
         return f"{method} stage {index}/{len(self.spec.stages)} ({self.spec.stages[index - 1].domain})"
 
     def _reopen(self, run_id: str) -> None:
@@ -82,7 +82,7 @@ class Recorder:
 
     def stage_started(self, event: StageStarted) -> None:
         if event.stage == 0:
-            self.board.stage_started(event.branch, "pretrain", event.steps)
+            self.board.stage_started(event.branch, event.branch, event.steps)
             return
         run_id = self._stage_run(event.branch, event.stage, event.selection)
         if run_id not in self.system:

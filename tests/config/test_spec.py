@@ -28,6 +28,18 @@ def test_overrides_reach_nested_keys_and_list_items():
     assert spec.train.lr == 3e-4 and spec.stages[0].steps == 7 and spec.methods["hft"].ratio == 0.25
 
 
+def test_seeds_come_from_the_file_or_the_flag_and_a_bad_flag_exits_2(capsys, monkeypatch):
+    spec, _ = load_spec(PIPELINES[0], ["seeds=[0, 1, 2]"])
+    assert spec.run_seeds == [0, 1, 2] and spec.reference == next(iter(spec.methods))
+    assert spec.for_seed(2).seed == 2 and spec.for_seed(2).seeds is None
+    assert load_spec(PIPELINES[0])[0].run_seeds == [load_spec(PIPELINES[0])[0].seed], "no seeds: the one seed"
+    monkeypatch.setattr("hft_ray.cli.commands.run_pipeline", lambda args: print(args.seeds) or 0)
+    assert main(["run", str(PIPELINES[0]), "--seeds", "0,1,2"]) == 0 and capsys.readouterr().out == "[0, 1, 2]\n"
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(PIPELINES[0]), "--seeds", "0,one"])
+    assert exited.value.code == 2 and "'0,one': give integers separated by commas" in capsys.readouterr().err
+
+
 GOOD = {
     "name": "t", "model": {"source": "builtin:tiny-llama"},
     "domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "b.jsonl"}}},
