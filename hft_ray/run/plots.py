@@ -128,9 +128,11 @@ def _domain_panel(ax, matrices, domain: str, colours, first: ForgettingMatrix, r
     for m, mat in matrices.items():
         if domain in mat.columns:
             stages = range(len(mat.rows))
-            errors = [stds[m].score(r, domain) for r in stages] if stds and m in stds else None
-            ax.errorbar(stages, [mat.score(r, domain) for r in stages], yerr=errors, marker="o", color=colours[m],
-                        label=m, linestyle="--" if m in references else "-", capsize=3 if errors else 0)
+            scores = [mat.score(r, domain) for r in stages]
+            ax.plot(stages, scores, marker="o", color=colours[m], label=m, linestyle="--" if m in references else "-")
+            if stds and m in stds:  # the line keeps its label; the bars are drawn beside it
+                ax.errorbar(stages, scores, yerr=[stds[m].score(r, domain) for r in stages], fmt="none",
+                            ecolor=colours[m], capsize=3)
     # Shade, on the first method's stages, where this domain was trained.
     for i, d in enumerate(first.stage_domains, start=1):
         if d == domain:

@@ -156,3 +156,21 @@ def heights_of(metrics: dict) -> list[float]:
 def test_comparison_needs_a_matrix(tmp_path):
     with pytest.raises(ValueError, match="no matrices"):
         comparison({}, tmp_path / "none.png")
+
+
+def test_over_seeds_the_comparison_draws_one_standard_deviation_as_error_bars(tmp_path, figures):
+    from hft_ray.core.metrics import ForgettingMatrix
+
+    spread = ForgettingMatrix(HFT.columns, HFT.rows, HFT.stage_domains,
+                              tuple(tuple(0.01 * (i + 1) for _ in HFT.columns) for i in range(len(HFT.rows))))
+    stds = {"OP": 0.05, "BWT": 0.1}
+    comparison({"HFT": HFT, "FFT": FFT}, tmp_path / "c.png", spread={"HFT": (stds, spread)})
+    bars, first, *_ = figures[0].axes
+    hft = next(c for c in bars.containers if c.get_label() == "HFT")
+    assert hft.errorbar is not None, "the HFT bars carry their deviations"
+    whiskers = hft.errorbar.lines[2][0].get_segments()
+    assert [seg[1][1] - seg[0][1] for seg in whiskers[:2]] == pytest.approx([0.10, 0.20]), "+-1 std: OP, BWT"
+    assert next(c for c in bars.containers if c.get_label() == "FFT").errorbar is None
+    caps = [c for c in first.collections if c.get_segments()]
+    assert [seg[1][1] - seg[0][1] for seg in caps[0].get_segments()] == pytest.approx([0.02, 0.04, 0.06, 0.08])
+    assert {line.get_label() for line in first.get_lines() if not line.get_label().startswith("_")} == {"HFT", "FFT"}
