@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from hft_ray.config.sources import is_harness
 
+RESERVED = ("pretrain", "bases")  # a base's worker group; the base rows beside the branches' (run/results.py)
+
 
 def cross_problems(data: dict) -> list[str]:
     """Problems between keys, found on the raw data so they are listed beside schema errors."""
@@ -32,6 +34,10 @@ def cross_problems(data: dict) -> list[str]:
             elif is_harness(domains[name]):
                 problems.append(f"pretrain.domains.{index}: {name!r} is an lm-evaluation-harness column, never "
                                 "trained; pretrain on another domain")
+    for name in methods:
+        if name in RESERVED or "@" in str(name):
+            problems.append(f"methods.{name}: a name hft-ray uses itself ({', '.join(RESERVED)}, or with '@', "
+                            "which names a method's seed); rename the method")
     compare_to = data.get("compare_to")
     if compare_to is not None and compare_to not in methods:
         problems.append(f"compare_to: {compare_to!r} is not a method; methods: {', '.join(methods) or '(none)'}")

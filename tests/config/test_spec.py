@@ -99,6 +99,8 @@ CASES = [
     ("a seed twice", {"seeds": [0, 1, 0]}, ["seeds: a seed is listed twice; list each seed once"]),
     ("no seeds", {"seeds": []}, ["seeds: List should have at least 1 item"]),
     ("compare_to no method", {"compare_to": "hfft"}, ["compare_to: 'hfft' is not a method; methods: "]),
+    ("a reserved method name", {"methods": {"pretrain": {"kind": "fft"}, "h@1": {"kind": "hft"}}},
+     ["methods.pretrain: a name hft-ray uses itself", "methods.h@1: a name hft-ray uses itself"]),
     ("duplicate domain name", "domains:\n  a: {source: builtin:upper}\n  a: {source: builtin:caesar}\n",
      ["not valid YAML", "duplicate key 'a'"]),
     ("empty data file", {"domains": {"a": {"source": "builtin:upper"}, "b": {"source": {"path": "empty.jsonl"}}}},
