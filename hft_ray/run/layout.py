@@ -18,6 +18,7 @@ from hft_ray.config.spec import PipelineSpec
 from hft_ray.data.loading import DomainData
 from hft_ray.run.planner import Planner
 from hft_ray.storage import Location
+from hft_ray.train.job import BranchJob
 from hft_ray.train.models import resolve_source
 
 SHARED = ""  # the key of the one base every branch starts from
@@ -66,6 +67,11 @@ class Layout:
 
     def planner(self, branch: str) -> Planner:
         return self.planners[self.branches[branch].seed]
+
+    def job(self, branch: str, first: int, start: str) -> BranchJob:
+        """The branch's worker-group job: its method's stages from `first` on, from `start`."""
+        node = self.branches[branch]
+        return self.planners[node.seed].branch(node.method, first, start, node.name)
 
     def method(self, branch: str) -> str:
         return self.branches[branch].method

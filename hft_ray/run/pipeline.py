@@ -109,9 +109,7 @@ class PipelineRun:
     def _act(self, runner: RayRunner, actions: list, scheduler: Scheduler) -> None:
         for action in actions:
             if isinstance(action, Launch):
-                node = self.layout.branches[action.branch]
-                job = self.layout.planner(node.name).branch(node.method, action.first, action.start, node.name)
-                runner.launch(job, self.run_name(node.name))
+                runner.launch(self.layout.job(action.branch, action.first, action.start), self.run_name(action.branch))
             elif isinstance(action, Pretrain):
                 threads = pretrain_threads(self.spec, self.capacity, self.side_by_side)
                 name = self.layout.bases[action.base].job_name

@@ -77,8 +77,7 @@ def aggregate(spec: PipelineSpec, layout: Layout, rows: dict, metrics: Mapping[s
     reads. One seed: each method's matrix and summary; several: as the module says."""
     per_seed: dict[str, dict[int, tuple[ForgettingMatrix, dict]]] = {m: {} for m in spec.methods}
     for name, node in layout.branches.items():
-        branch_rows = [rows["bases"][node.base]] + [rows[name][i] for i in range(1, len(spec.stages) + 1)]
-        matrix = build_matrix(spec, branch_rows, metrics)
+        matrix = build_matrix(spec, _branch_rows(spec, layout, rows, name), metrics)
         per_seed[node.method][node.seed] = (matrix, summary(matrix))
     if not layout.several:
         return PipelineResult(parent_run_id, output_dir, {m: next(iter(s.values()))[0] for m, s in per_seed.items()},
@@ -113,8 +112,7 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
                 logged.append((".std", result.matrix_std[method]))
                 tracker.log_metrics(parent_id, {f"{method}.{k}.std": v for k, v in result.summary_std[method].items()})
             else:
-                branch_rows = [rows["bases"][layout.branches[method].base]] + [
-                    rows[method][i] for i in range(1, len(spec.stages) + 1)]
+                branch_rows = _branch_rows(spec, layout, rows, method)
                 logged += [(f".{name}", build_matrix(spec, branch_rows, name)) for name in _other_scores(metrics)]
             for suffix, logged_matrix in logged:
                 tracker.log_json(parent_id, logged_matrix.to_dict(), f"forgetting/{method}{suffix}.json")
@@ -132,9 +130,7 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
             for seed, (matrix, values) in by_seed.items():
                 run_id = tracker.start_seed(parent_id, method, seed)
                 tracker.log_metrics(run_id, values)
-                branch = layout.branch_name(method, seed)
-                branch_rows = [rows["bases"][layout.branches[branch].base]] + [
-                    rows[branch][i] for i in range(1, len(spec.stages) + 1)]
+                branch_rows = _branch_rows(spec, layout, rows, layout.branch_name(method, seed))
                 for suffix, logged_matrix in [("", matrix)] + [(f".{name}", build_matrix(spec, branch_rows, name))
                                                                for name in _other_scores(metrics)]:
                     tracker.log_json(run_id, logged_matrix.to_dict(), f"forgetting/{method}{suffix}.json")
@@ -148,6 +144,11 @@ def record_results(spec: PipelineSpec, layout: Layout, tracker: Tracker, parent_
         tracker.log_json(parent_id, result.to_json(), RESULT_FILE)
     (layout.folder / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1))
     return result
+
+
+def _branch_rows(spec: PipelineSpec, layout: Layout, rows: dict, branch: str) -> list[Row]:
+    """Row 0 (the branch's base) and the branch's stage rows, in order."""
+    return [rows["bases"][layout.branches[branch].base]] + [rows[branch][i] for i in range(1, len(spec.stages) + 1)]
 
 
 def _other_scores(metrics: Mapping[str, str]) -> list[str]:

@@ -138,9 +138,9 @@ def run_trial(config: dict, context: TrialContext) -> None:
     def act(actions) -> None:
         for action in actions:
             if isinstance(action, Launch):  # a new Ray Train run name per attempt of the trial
-                node = layout.branches[action.branch]
-                job = layout.planner(node.name).branch(node.method, action.first, action.start, node.name)
-                runner.launch(job, f"{trial_id}-{node.seed}-{time.time_ns()}")
+                seed = layout.branches[action.branch].seed
+                runner.launch(layout.job(action.branch, action.first, action.start),
+                              f"{trial_id}-{seed}-{time.time_ns()}")
             elif isinstance(action, Evaluate):
                 runner.evaluate(action)
 
